@@ -1,0 +1,5 @@
+import sys
+
+from genvis.cli import main
+
+sys.exit(main())

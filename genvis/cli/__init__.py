@@ -1,0 +1,37 @@
+"""`genvis` command line: one module per subcommand, each with `add_parser(subparsers)`.
+
+Every subcommand sets `func(args) -> int`; bad input raises GenvisError, printed as one line
+with a non-zero exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from genvis.errors import GenvisError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genvis.cli import eval as eval_cmd
+    from genvis.cli import importer, sample, train
+
+    parser = argparse.ArgumentParser(prog="genvis", description="Generative image modeling: train, sample, evaluate.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train, sample, eval_cmd, importer):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GenvisError as err:
+        print(f"genvis {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"genvis {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,88 @@
+"""genvis sample RUN_OR_MODEL --num N --out OUT [...]"""
+from __future__ import annotations
+
+import argparse
+
+from genvis.errors import GenvisError
+
+
+def _classes(text: str):
+    try:
+        return [int(c) for c in text.split(",") if c.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes {text!r}: expected a class index or a comma-separated list, e.g. 3 or 0,1,2") from None
+
+
+def add_parser(subparsers) -> None:
+    from genvis.registry import SAMPLERS
+
+    p = subparsers.add_parser(
+        "sample",
+        help="sample images from a run directory or model folder",
+        description="OUT ending in .png: a grid; .npz: ADM-style arr_0 (uint8 NHWC) + labels; otherwise a folder of PNGs. "
+        "Sample i is drawn from seed (S, i), whatever the batch size.",
+    )
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory (uses its model/) or model folder")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default: the run's sample.num, else 100)")
+    p.add_argument("--out", required=True, help="OUT.png | OUT.npz | OUT_DIR")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--classes", type=_classes, default=None, help="one class (3) or a list cycled over samples (0,1,2)")
+    group.add_argument("--balanced", action="store_true", help="sample i gets class i %% num_classes (the default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first K channels (official DiT: 3); default all")
+    p.add_argument("--steps", type=int, default=None, help="model evaluations per sample")
+    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS.names())}")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", help="auto (bf16 where native) | fp32 | bf16")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_defaults(path):
+    """A run directory's own sampling defaults (config.yaml `sample:`), if it is one."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg_path = Path(path) / "config.yaml"
+    if cfg_path.is_file():
+        return OmegaConf.load(cfg_path).get("sample", {})
+    return {}
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from genvis.generate import class_labels, generate, save_samples, to_uint8
+    from genvis.models import load_model
+    from genvis.registry import SAMPLERS
+    from genvis.tokenizers import tokenizer_for_model
+
+    defaults = _run_defaults(args.model)
+    sampler = args.sampler or defaults.get("sampler", "ddpm")
+    if sampler not in SAMPLERS:
+        raise GenvisError(f"--sampler {sampler!r}: expected one of: {', '.join(SAMPLERS.names())}")
+    steps = args.steps or defaults.get("steps", 250)
+    cfg = args.cfg if args.cfg is not None else defaults.get("cfg", 1.0)
+    num = args.num or defaults.get("num", 100)
+    if num < 1 or steps < 1 or args.batch_size < 1:
+        raise GenvisError("--num, --steps and --batch-size must be >= 1")
+    model = load_model(args.model, device=args.device)
+    labels = class_labels(num, model.num_classes, args.classes)
+    tokenizer = tokenizer_for_model(model, args.vae, device=args.device)
+    images = generate(
+        model, labels, seed=args.seed, sampler=sampler, steps=steps, cfg=cfg, cfg_channels=args.cfg_channels,
+        batch_size=args.batch_size, precision=args.precision, tokenizer=tokenizer, progress=True,
+    )
+    nrow = model.num_classes if args.classes is None and num >= model.num_classes else None
+    kind = save_samples(to_uint8(images), np.asarray(labels), args.out, nrow=nrow)
+    print(f"wrote {num} samples ({kind}) to {args.out}")
+    return 0

@@ -1,0 +1,153 @@
+"""Model + labels + seeds -> images, and writing them out (grid PNG, PNG folder, ADM .npz).
+
+Sample i is drawn from its own generator seeded by (seed, i): its initial noise and every
+stochastic step come from that stream alone, so an image does not depend on the batch size,
+on which batch it falls in, or on how many processes share the work.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from genvis.diffusion.schedules import schedule_for_model
+from genvis.errors import GenvisError
+from genvis.precision import autocast, resolve_precision
+from genvis.samplers import get_sampler, make_grid
+from genvis.samplers.common import randn_like
+from genvis.samplers.guidance import ClassifierFreeGuidance
+from genvis.diffusion.predictions import Denoiser
+
+
+def sample_seed(base: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run seeded `base` (numpy SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(base), int(index)]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def sample_generators(base: int, indices: Sequence[int], device="cpu") -> List[torch.Generator]:
+    return [torch.Generator(device).manual_seed(sample_seed(base, i)) for i in indices]
+
+
+def class_labels(num: int, num_classes: int, classes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Label of sample i: classes[i % len(classes)], or i % num_classes (balanced) when classes is None."""
+    if classes is None:
+        classes = list(range(num_classes))
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise GenvisError(f"class {c} is out of range: the model has classes 0..{num_classes - 1}")
+    return torch.tensor([classes[i % len(classes)] for i in range(num)], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    start_index: int = 0,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    grid="default",
+    cfg: float = 1.0,
+    cfg_channels: Optional[int] = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+    tokenizer=None,
+    progress: bool = False,
+    **sampler_options,
+) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j)."""
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    c = model.config
+    schedule = schedule_for_model(model)
+    fn = get_sampler(sampler)
+    timesteps = make_grid(grid, schedule, steps) if isinstance(grid, str) else torch.as_tensor(grid, dtype=torch.float64)
+
+    def model_fn(x, t, y):
+        with autocast(device, precision):
+            return model(x, t, y).float()
+
+    guided = ClassifierFreeGuidance(model_fn, cfg, model.null_class, pred_channels=c.in_channels, channels=cfg_channels)
+    denoiser = Denoiser(guided, schedule, c.prediction_type, learn_sigma=c.learn_sigma)
+    shape = (c.in_channels, c.input_size, c.input_size)
+    out = []
+    batches = range(0, len(labels), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)")
+    for start in batches:
+        y = labels[start : start + batch_size].to(device)
+        gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
+        x = randn_like(torch.empty(len(y), *shape), gens).to(device)
+        x0 = fn(denoiser, x, timesteps, cond={"y": y}, generator=gens, **sampler_options)
+        if tokenizer is not None:
+            x0 = tokenizer.decode(x0)
+        out.append(x0.float().cpu())
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC with DiT's conversion clamp(127.5 x + 128, 0, 255)."""
+    x = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _atomic_target(path: Path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
+    """uint8 NHWC -> one PNG grid (2-px black padding), written atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, h, w, ch = images_u8.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    pad = 2
+    canvas = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, ch), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images_u8[i]
+    img = Image.fromarray(canvas[..., 0] if ch == 1 else canvas)
+    tmp = _atomic_target(path)
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[int] = None) -> str:
+    """OUT.png: a grid; OUT.npz: ADM-style (`arr_0` uint8 NHWC, 3 channels, plus `labels`);
+    anything else: a folder with one PNG per sample (000000.png, ...). Every file is written atomically."""
+    from PIL import Image
+
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        save_grid(images_u8, out, nrow=nrow)
+        return "grid"
+    if out.suffix.lower() == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.repeat(images_u8, 3, axis=-1) if images_u8.shape[-1] == 1 else images_u8
+        tmp = _atomic_target(out)
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
+        os.replace(tmp, out)
+        return "npz"
+    if out.exists() and not out.is_dir():
+        raise GenvisError(f"{out}: exists and is not a directory; use a .png (grid), .npz or folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_u8):
+        target = out / f"{i:06d}.png"
+        tmp = _atomic_target(target)
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+        os.replace(tmp, target)
+    return "folder"

@@ -1,0 +1,268 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023).
+
+Official layout and initialisation (facebookresearch/DiT models.py): adaLN-Zero blocks, fixed
+2D sin-cos position embedding stored as a frozen parameter, a label table with one extra null
+row for classifier-free guidance, and learned-sigma output channels. Official state dicts load
+unchanged; `forward(x, t, y)` returns exactly what the official model returns.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+from genvis.models.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
+from genvis.registry import MODELS
+
+#################################################################################
+#                                 DiT blocks                                    #
+#################################################################################
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                 DiT model                                     #
+#################################################################################
+
+# name -> (depth, hidden_size, num_heads). "tiny" is genvis's CPU size for the digits demo.
+DIT_SIZES: Dict[str, Tuple[int, int, int]] = {
+    "tiny": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Class-conditional diffusion transformer.
+
+    Args:
+        input_size: spatial size of the input (latent or pixel grid), default 32.
+        patch_size: patch size p (2, 4 or 8), default 2.
+        in_channels: input channels, default 4.
+        hidden_size, depth, num_heads, mlp_ratio: transformer width/depth/heads/MLP ratio (DiT-XL: 1152/28/16/4).
+        class_dropout_prob: label dropout used in training; > 0 adds the null row to the label table. Default 0.1.
+        num_classes: number of real classes (the null class is index `num_classes`), default 1000.
+        learn_sigma: output 2 * in_channels channels (prediction, then variance interpolation values). Default True.
+        prediction_type: what the output (first in_channels channels) predicts: eps | v | x0 | velocity. Default eps.
+        schedule: the noise schedule the model was trained on: "linear" (discrete VP, t in 0..999 with
+            t=999 noise) or "flow" (rectified flow, t in [0, 1] with t=1 noise). Default linear.
+        num_train_timesteps, beta_start, beta_end: the discrete VP schedule (DiT: 1000, 1e-4, 0.02).
+        tokenizer: the space the model works in: "pixels" or "sd-vae" (SD-VAE latents times latent_scale).
+        latent_scale: factor applied to tokenizer latents before the model sees them (DiT: 0.18215).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        prediction_type: str = "eps",
+        schedule: str = "linear",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        tokenizer: str = "pixels",
+        latent_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.grid_size = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding, kept as a frozen parameter because official checkpoints store it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Official DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        # Patch embedding initialised like nn.Linear (xavier on the flattened kernel).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W] (the official (p, q, c) ordering within a patch)."""
+        h = w = self.grid_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch_size, q=self.patch_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """
+        x: [B, C, H, W] noisy input; t: [B] timesteps in the schedule's units (float or int);
+        y: [B] class labels (index num_classes = null). Returns [B, out_channels, H, W].
+        """
+        x = self.x_embedder(x) + self.pos_embed  # B, N, D
+        c = self.t_embedder(t) + self.y_embedder(y)  # B, D
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)  # B, N, p*p*out
+        return self.unpatchify(x)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs per image (2 * MACs), as used for the fraction-of-peak figures."""
+        n = self.grid_size**2
+        d = self.config.hidden_size
+        per_block = 2 * n * (3 * d * d + d * d + 2 * d * int(d * self.config.mlp_ratio)) + 2 * 2 * n * n * d
+        per_block += 2 * d * 6 * d
+        patch = self.patch_size**2
+        return self.config.depth * per_block + 2 * n * d * patch * (self.in_channels + self.out_channels)
+
+
+def dit_config(size: str, patch_size: int, **kwargs) -> dict:
+    """Constructor arguments of DiT-{size}/{patch_size}; kwargs override (including depth/width/heads)."""
+    depth, hidden, heads = DIT_SIZES[size]
+    return {**dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch_size), **kwargs}
+
+
+def parse_arch(name: str) -> Tuple[str, int]:
+    """'DiT-XL/2' -> ('XL', 2)."""
+    try:
+        prefix, rest = name.split("-", 1)
+        size, patch = rest.split("/")
+        assert prefix == "DiT" and size in DIT_SIZES and int(patch) in (1, 2, 4, 8)
+        return size, int(patch)
+    except (ValueError, AssertionError):
+        choices = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
+        raise ValueError(f"unknown DiT architecture {name!r}; expected one of: {choices}") from None
+
+
+@MODELS.register("dit")
+def build_dit(size: str = "S", patch_size: int = 2, **kwargs) -> DiT:
+    return DiT(**dit_config(size, patch_size, **kwargs))
+
+
+#################################################################################
+#                       Foreign checkpoints (official DiT)                      #
+#################################################################################
+
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def checkpoint_filter_fn(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """Official DiT file -> genvis state dict.
+
+    Accepts a plain state dict or a training checkpoint {"model", "ema", "opt", "args"} (the EMA
+    weights are preferred), with or without DDP "module." / torch.compile "_orig_mod." prefixes.
+    """
+    if "ema" in checkpoint and isinstance(checkpoint["ema"], dict):
+        checkpoint = checkpoint["ema"]
+    elif "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        checkpoint = checkpoint["model"]
+    out = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def infer_dit_config(state_dict: Dict[str, torch.Tensor], patch_size: int) -> dict:
+    """Input size, channels, classes and learn_sigma read off an official-layout state dict."""
+    hidden = state_dict["pos_embed"].shape[-1]
+    num_patches = state_dict["pos_embed"].shape[1]
+    grid = int(round(num_patches**0.5))
+    in_channels = state_dict["x_embedder.proj.weight"].shape[1]
+    out_dim = state_dict["final_layer.linear.weight"].shape[0]
+    out_channels = out_dim // (patch_size * patch_size)
+    table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    return dict(
+        input_size=grid * patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        learn_sigma=out_channels == 2 * in_channels,
+        num_classes=table_rows - 1,
+        class_dropout_prob=0.1,
+    )

@@ -1,0 +1,32 @@
+"""Euler's method on the probability-flow ODE.
+
+Rectified flow: Euler in t on dx/dt = eps - x0 (the flow-matching sampler, as diffusers'
+FlowMatchEulerDiscreteScheduler). VP schedules: Euler in sigma/alpha on the scaled state
+x / alpha (Karras et al. 2022, Algorithm 1 with no churn), which coincides with DDIM (eta = 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from genvis.diffusion.predictions import Denoiser
+from genvis.registry import SAMPLERS
+from genvis.samplers.common import steps_of
+
+
+@SAMPLERS.register("euler")
+@torch.no_grad()
+def sample_euler(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False):
+    cond = cond or {}
+    schedule = denoiser.schedule
+    for i, t, s in steps_of(grid, progress, "euler"):
+        pred = denoiser.predict(x, t, **cond)
+        if schedule.is_flow:
+            x = x + (s - t) * (pred.eps - pred.x0)
+        else:
+            a_t, s_t = schedule.alpha_sigma(torch.tensor(t))
+            a_s, s_s = schedule.alpha_sigma(torch.tensor(s))
+            x = a_s * (x / a_t + (s_s / a_s - s_t / a_t) * pred.eps)
+        x = x.float()
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": pred.x0})
+    return x

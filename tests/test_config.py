@@ -1,0 +1,63 @@
+"""Config: YAML + dotted overrides on typed schemas; bad keys and values are one-line errors naming the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genvis.config import load_config
+from genvis.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "digits" / "dit.yaml")
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(DIGITS, ["train.steps=200", "model.size=S", "train.lr=3e-4", "data.random_flip=true", "output_dir=/tmp/x"])
+    assert cfg.train.steps == 200 and isinstance(cfg.train.steps, int)
+    assert cfg.model.size == "S" and cfg.train.lr == pytest.approx(3e-4) and cfg.data.random_flip is True
+    assert cfg.output_dir == "/tmp/x"
+    for key in ("seed", "output_dir"):
+        assert hasattr(cfg, key)
+    assert cfg.train.checkpoint_every == 500 and cfg.train.sample_every == 0 and cfg.train.batch_size == 128
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.stepz=10", "train.stepz"),
+        ("train.steps=ten", "train.steps"),
+        ("model.sise=tiny", "model.sise"),
+        ("model.size=huge", "model.size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.channels=2", "data.channels"),
+    ],
+)
+def test_bad_override_names_full_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, [override])
+    msg = str(err.value)
+    assert f"'{key}'" in msg and "\n" not in msg
+
+
+def test_typo_in_yaml_names_file_and_full_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(DIGITS).read_text().replace("  batch_size: 128", "  batch_sise: 128"))
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert "train.batch_sise" in str(err.value) and str(bad) in str(err.value)
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text(Path(DIGITS).read_text().replace("  steps: 1500", "  steps: [1, 2]"))
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(str(wrong_type))
+
+
+def test_cli_exits_nonzero_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "genvis", "train", DIGITS, f"output_dir={tmp_path}/run", "train.stepz=3"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "train.stepz" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written for a bad config
