@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Train a DiT on the bundled digits, sample a class-balanced grid, and score the samples.
+DEMO_RUN := runs/digits-dit
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(VENV)/bin/genvis train configs/digits/dit.yaml output_dir=$(DEMO_RUN)
+	$(VENV)/bin/genvis sample $(DEMO_RUN) --num 100 --balanced --out $(DEMO_RUN)/grid.png
+	$(VENV)/bin/genvis sample $(DEMO_RUN) --num 1000 --balanced --out $(DEMO_RUN)/samples.npz
+	$(VENV)/bin/genvis eval digits $(DEMO_RUN)/samples.npz
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -23,4 +28,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/dit_speed.py
 
 clean:
-	rm -rf runs/demo
+	rm -rf $(DEMO_RUN)

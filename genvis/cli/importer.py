@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 from genvis.errors import GenvisError
@@ -39,7 +40,9 @@ def load_checkpoint_file(path: Path) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its message
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        first = f"unsupported global {found.group(1)}" if found else (text.strip().splitlines() or [type(err).__name__])[0]
         raise GenvisError(
             f"{path}: refused: the file holds objects that need pickle to load, and genvis only loads tensors "
             f"(weights_only=True). Re-save just the state dict (torch.save(ckpt['ema'], ...)). Detail: {first}"

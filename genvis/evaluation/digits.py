@@ -181,6 +181,8 @@ def evaluate_npz(path: Union[str, Path]) -> dict:
         data = np.load(path, allow_pickle=False)
     except Exception as err:  # not a zip / not an npz
         raise GenvisError(f"{path}: cannot read as .npz ({err})") from None
+    if not hasattr(data, "files"):  # a bare .npy array loads as an ndarray
+        raise GenvisError(f"{path}: not an .npz archive; expected key 'arr_0' with uint8 images [N, H, W, C]")
     with data:
         if "arr_0" not in data.files:
             raise GenvisError(f"{path}: key 'arr_0' missing; expected uint8 images [N, H, W, C] (found keys: {', '.join(data.files) or 'none'})")

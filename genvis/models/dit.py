@@ -204,7 +204,7 @@ def parse_arch(name: str) -> Tuple[str, int]:
     try:
         prefix, rest = name.split("-", 1)
         size, patch = rest.split("/")
-        assert prefix == "DiT" and size in DIT_SIZES and int(patch) in (1, 2, 4, 8)
+        assert prefix == "DiT" and size in DIT_SIZES and int(patch) in (2, 4, 8)
         return size, int(patch)
     except (ValueError, AssertionError):
         choices = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
@@ -256,7 +256,7 @@ def infer_dit_config(state_dict: Dict[str, torch.Tensor], patch_size: int) -> di
     out_dim = state_dict["final_layer.linear.weight"].shape[0]
     out_channels = out_dim // (patch_size * patch_size)
     table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
     return dict(
         input_size=grid * patch_size,
         in_channels=in_channels,

@@ -1,0 +1,97 @@
+"""`genvis sample`: output formats, labels, and sample i depending only on (seed, i)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import genvis
+from genvis.cli import main
+from genvis.models.dit import DiT
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    with torch.no_grad():  # non-zero output layers, so samples depend on the labels and the noise
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("m") / "model"
+    model.save_pretrained(str(path))
+    return path
+
+
+def sample(model_dir, out, *args):
+    code = main(["sample", str(model_dir), "--out", str(out), "--steps", "5", "--precision", "fp32", *args])
+    assert code == 0
+
+
+def test_npz_is_adm_style_and_batch_size_independent(model_dir, tmp_path):
+    sample(model_dir, tmp_path / "a.npz", "--num", "12", "--batch-size", "12", "--seed", "7")
+    sample(model_dir, tmp_path / "b.npz", "--num", "12", "--batch-size", "5", "--seed", "7")
+    sample(model_dir, tmp_path / "c.npz", "--num", "12", "--batch-size", "5", "--seed", "8")
+    a, b, c = (np.load(tmp_path / f"{n}.npz") for n in "abc")
+    assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (12, 8, 8, 3)
+    assert np.array_equal(a["labels"], np.arange(12) % 10)  # balanced by default
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert not np.array_equal(a["arr_0"], c["arr_0"])
+    # sample i of a longer run is the same image
+    sample(model_dir, tmp_path / "d.npz", "--num", "3", "--batch-size", "2", "--seed", "7")
+    assert np.array_equal(np.load(tmp_path / "d.npz")["arr_0"], a["arr_0"][:3])
+
+
+def test_classes_options_and_folder_and_grid(model_dir, tmp_path):
+    sample(model_dir, tmp_path / "one.npz", "--num", "4", "--classes", "3")
+    assert np.array_equal(np.load(tmp_path / "one.npz")["labels"], [3, 3, 3, 3])
+    sample(model_dir, tmp_path / "list.npz", "--num", "5", "--classes", "0,1,2")
+    assert np.array_equal(np.load(tmp_path / "list.npz")["labels"], [0, 1, 2, 0, 1])
+    sample(model_dir, tmp_path / "pngs", "--num", "3", "--classes", "0,1,2")
+    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert files == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(tmp_path / "pngs" / "000000.png").size == (8, 8)
+    sample(model_dir, tmp_path / "grid.png", "--num", "20", "--balanced")
+    # 10 columns (one per class) x 2 rows of 8x8 tiles with 2-px padding
+    assert Image.open(tmp_path / "grid.png").size == (10 * 10 + 2, 2 * 10 + 2)
+
+
+def test_image_matches_python_api(model_dir, tmp_path):
+    from genvis.generate import class_labels, generate, to_uint8
+
+    sample(model_dir, tmp_path / "x.npz", "--num", "4", "--seed", "3", "--sampler", "ddim")
+    model = genvis.load_model(model_dir)
+    imgs = generate(model, class_labels(4, 10), seed=3, sampler="ddim", steps=5, precision="fp32")
+    assert np.array_equal(np.repeat(to_uint8(imgs), 3, axis=-1), np.load(tmp_path / "x.npz")["arr_0"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--sampler", "nope"], "nope"),
+        (["--classes", "12"], "12"),
+    ],
+)
+def test_bad_input_one_line(model_dir, tmp_path, capsys, args, needle):
+    code = main(["sample", str(model_dir), "--out", str(tmp_path / "x.npz"), "--num", "2", "--steps", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    assert main(["sample", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_python_m_and_accelerate_launch(model_dir, tmp_path):
+    out = tmp_path / "acc.npz"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "genvis", "sample", str(model_dir),
+           "--out", str(out), "--num", "2", "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)

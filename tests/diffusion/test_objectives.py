@@ -1,0 +1,94 @@
+"""Prediction-type conversions and training losses against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from genvis.diffusion.objectives import DiffusionObjective, objective_for
+from genvis.diffusion.predictions import Denoiser, target, to_x0_eps
+from genvis.diffusion.schedules import DiscreteVPSchedule, FlowSchedule, linear_betas, sit_time
+
+
+def _draw(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule,t", [(DiscreteVPSchedule(linear_betas()), 437.0), (FlowSchedule(), 0.37)])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "velocity"])
+def test_conversions_round_trip(schedule, t, prediction):
+    x0, eps = _draw()
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(t))
+    x_t = alpha * x0 + sigma * eps
+    da = ds = None
+    if prediction == "velocity":
+        if not isinstance(schedule, FlowSchedule):
+            pytest.skip("velocity is defined on continuous schedules")
+        da, ds = schedule.alpha_sigma_derivatives(torch.tensor(t))
+    out = target(prediction, x0, eps, alpha, sigma, da, ds)
+    rx0, reps = to_x0_eps(out, x_t, alpha, sigma, prediction, da, ds)
+    assert torch.allclose(rx0, x0, atol=1e-9) and torch.allclose(reps, eps, atol=1e-9)
+
+
+def test_flow_velocity_and_sit_time():
+    x0, eps = _draw()
+    s = FlowSchedule()
+    da, ds = s.alpha_sigma_derivatives(torch.tensor(0.3))
+    a, sg = s.alpha_sigma(torch.tensor(0.3))
+    assert torch.allclose(target("velocity", x0, eps, a, sg, da, ds), eps - x0)
+    assert float(sit_time(torch.tensor(0.25))) == 0.75  # SiT: t = 1 data
+
+
+def test_vp_alpha_sigma_follow_alpha_bar():
+    s = DiscreteVPSchedule(linear_betas())
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    a, sg = s.alpha_sigma(torch.tensor([0.0, 500.0, 999.0]))
+    assert torch.allclose(a**2, abar[[0, 500, 999]]) and torch.allclose(a**2 + sg**2, torch.ones(3, dtype=torch.float64))
+    # fractional times interpolate log alpha_bar
+    mid = s.alpha_sigma(torch.tensor(10.5))[0] ** 2
+    assert torch.allclose(mid, torch.sqrt(abar[10] * abar[11]))
+
+
+def test_vlb_term_is_zero_for_the_true_posterior_and_matches_hand_kl():
+    schedule = DiscreteVPSchedule(linear_betas())
+    obj = DiffusionObjective(schedule, "eps", learn_sigma=True)
+    x0 = torch.rand(8, 1, 4, 4) * 2 - 1
+    noise = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1, 5, 50, 100, 300, 600, 900, 999])
+
+    def exact(frac_value):
+        def fn(x, tt, y=None):
+            return torch.cat([noise, torch.full_like(noise, 2 * frac_value - 1)], dim=1)
+        return fn
+
+    # frac = 0: model variance = posterior variance, exact eps: KL = 0, and the MSE part is 0
+    assert obj.loss(exact(0.0), x0, t, noise).abs().max() < 1e-5
+    # frac = 1: variance beta_t; KL of two Gaussians with equal means, in bits
+    betas = linear_betas()
+    abar = torch.cumprod(1 - betas, 0)
+    post = betas[t] * (1 - abar[t - 1]) / (1 - abar[t])
+    kl = 0.5 * (-1 + torch.log(betas[t]) - torch.log(post) + post / betas[t]) / math.log(2)
+    assert torch.allclose(obj.loss(exact(1.0), x0, t, noise).double(), kl, rtol=1e-4)
+
+
+def test_flow_and_v_losses():
+    x0, eps = (v.float().view(64, 3, 1, 1) for v in _draw())
+    t = torch.full((64,), 0.25, dtype=torch.float64)
+    obj = objective_for(FlowSchedule(), "flow", learn_sigma=True)  # learn_sigma is ignored off eps
+    zero = lambda x, tt, **_: torch.zeros_like(x)
+    assert torch.allclose(obj.loss(zero, x0, t, eps), ((eps - x0) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
+    vp = DiscreteVPSchedule(linear_betas())
+    obj = objective_for(vp, "v", learn_sigma=False)
+    t = torch.full((64,), 250)
+    a, s = (float(v) for v in vp.alpha_sigma(torch.tensor(250.0)))
+    assert torch.allclose(obj.loss(zero, x0, t, eps), ((a * eps - s * x0) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_logit_normal_times_and_denoiser_shapes():
+    obj = objective_for(FlowSchedule(), "flow", learn_sigma=False, time_sampling="logit_normal")
+    t = obj.sample_time(20000, torch.Generator().manual_seed(0))
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+    d = Denoiser(lambda x, tt: torch.zeros_like(x), FlowSchedule(), "velocity")
+    x = torch.randn(4, 2)
+    assert torch.allclose(d(x, 0.5), x)  # u = 0 -> x0 = x_t - t u = x_t
