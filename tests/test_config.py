@@ -19,7 +19,7 @@ def test_yaml_and_overrides_are_typed():
     assert cfg.output_dir == "/tmp/x"
     for key in ("seed", "output_dir"):
         assert hasattr(cfg, key)
-    assert cfg.train.checkpoint_every == 500 and cfg.train.sample_every == 0 and cfg.train.batch_size == 128
+    assert cfg.train.checkpoint_every == 200 and cfg.train.sample_every == 0 and cfg.train.batch_size == 128
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_typo_in_yaml_names_file_and_full_key(tmp_path):
         load_config(str(bad))
     assert "train.batch_sise" in str(err.value) and str(bad) in str(err.value)
     wrong_type = tmp_path / "type.yaml"
-    wrong_type.write_text(Path(DIGITS).read_text().replace("  steps: 1500", "  steps: [1, 2]"))
+    wrong_type.write_text(Path(DIGITS).read_text().replace("  steps: 800", "  steps: [1, 2]"))
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(str(wrong_type))
 

@@ -67,7 +67,7 @@ class FinalLayer(nn.Module):
 
 # name -> (depth, hidden_size, num_heads). "tiny" is genvis's CPU size for the digits demo.
 DIT_SIZES: Dict[str, Tuple[int, int, int]] = {
-    "tiny": (6, 256, 4),
+    "tiny": (6, 192, 3),
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
