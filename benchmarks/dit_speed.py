@@ -1,6 +1,6 @@
 """DiT-S/2 speed: genvis vs diffusers DiTTransformer2DModel, same config, same machine, one run.
 
-    python benchmarks/dit_speed.py [--batch 32] [--repeats 3]
+    python benchmarks/dit_speed.py [--batch 32] [--repeats 5]
 
 Prints forward and training-step images/s in fp32 and bf16 autocast for both, the matmul peak
 measured in this run, the fraction of that peak each reaches, and genvis (default precision) /
@@ -37,17 +37,8 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def measure(model, call, batch: int, precision: str, repeats: int):
+def make_steps(model, call, batch: int, precision: str):
+    """(forward, train_step) closures for one model and precision on fixed random inputs."""
     x = torch.randn(batch, 4, 32, 32)
     t = torch.randint(0, 1000, (batch,))
     y = torch.randint(0, 1000, (batch,))
@@ -55,10 +46,12 @@ def measure(model, call, batch: int, precision: str, repeats: int):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def forward():
+        model.eval()
         with torch.no_grad(), autocast(precision):
             call(model, x, t, y)
 
     def train_step():
+        model.train()
         with autocast(precision):
             out = call(model, x, t, y)
         loss = F.mse_loss(out.float(), target)
@@ -66,17 +59,26 @@ def measure(model, call, batch: int, precision: str, repeats: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.eval()
-    fwd = batch / timed(forward, repeats)
-    model.train()
-    trn = batch / timed(train_step, repeats)
-    return fwd, trn
+    return forward, train_step
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each closure; rounds are interleaved so drifts in machine speed hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -103,10 +105,18 @@ def main() -> None:
         "genvis": (genvis_model, lambda m, x, t, y: m(x, t, y)),
         "diffusers": (diffusers_model, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample),
     }
-    results = {}
+    fns = {}
     for name, (model, call) in calls.items():
         for precision in ("fp32", "bf16"):
-            fwd, trn = measure(model, call, args.batch, precision, args.repeats)
+            forward, train_step = make_steps(model, call, args.batch, precision)
+            fns[(name, precision, "forward")] = forward
+            fns[(name, precision, "train")] = train_step
+    times = best_times(fns, args.repeats)
+    results = {}
+    for name in calls:
+        for precision in ("fp32", "bf16"):
+            fwd = args.batch / times[(name, precision, "forward")]
+            trn = args.batch / times[(name, precision, "train")]
             results[(name, precision)] = (fwd, trn)
             peak = peaks[precision]
             rows.append((name, precision, fwd, trn, fwd * flops / peak, trn * 3 * flops / peak))

@@ -78,8 +78,22 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q, k, v [B, H, N, D].
+
+    SDPA everywhere except for bf16/fp16 on the CPU with short sequences (N <= 1024), where two
+    batched matmuls and a softmax beat PyTorch's CPU flash kernel: DiT-S/2 bf16 training step
+    7.8 vs 6.9 img/s on 2 Zen-4 cores (benchmarks/dit_speed.py); in fp32 the flash kernel wins.
+    Same quantity; PyTorch's CPU softmax accumulates in fp32.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[-2] > 1024:
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # B, H, N, N
+    return scores.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (with bias) and SDPA."""
+    """Multi-head self-attention with a fused qkv projection (with bias)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -90,7 +104,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # B, H, N, Dh
+        x = attention(q, k, v)  # B, H, N, Dh
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 

@@ -135,10 +135,12 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 def train(cfg: RunConfig) -> Path:
     """Train (or resume) the run in cfg.output_dir; returns the exported model folder."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
     out = Path(cfg.output_dir)
-    state = PartialState()
+    # The device decides the 'auto' precision, which Accelerator needs up front. PartialState must see
+    # ACCELERATE_USE_CPU as Accelerator would, or torchrun CPU workers each start a 1-process run.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = resolve_precision(cfg.train.mixed_precision, state.device)
     accelerator = Accelerator(
         mixed_precision=precision,
