@@ -53,7 +53,7 @@ def load_checkpoint_file(path: Path) -> dict:
 
 def run_dit(args) -> int:
     from genvis.models.dit import DiT, checkpoint_filter_fn, dit_config, infer_dit_config, parse_arch
-    from genvis.training.loop import export_model
+    from genvis.training.checkpoint import export_model
 
     try:
         size, patch = parse_arch(args.arch)

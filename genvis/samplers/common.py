@@ -1,7 +1,7 @@
 """Noise drawing and step iteration shared by the solvers."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from tqdm.auto import tqdm

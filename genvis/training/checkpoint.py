@@ -74,3 +74,13 @@ def clean_partial(output_dir) -> None:
     if root.is_dir():
         for d in root.glob("*.tmp"):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def export_model(model, export_dir: Path) -> None:
+    """A genvis model folder (config.json + safetensors) via save_pretrained, replaced atomically."""
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(f".{export_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    finalize_dir(tmp, export_dir)

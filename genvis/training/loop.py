@@ -8,12 +8,12 @@ The learning rate is a pure function of the step, so no scheduler state needs re
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from genvis.config import RunConfig, to_yaml
 from genvis.data import build_dataset
 from genvis.diffusion.objectives import objective_for
+from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
 from genvis.models.dit import build_dit
 from genvis.precision import resolve_precision
 from genvis.training.checkpoint import (
     clean_partial,
+    export_model,
     finalize_dir,
     latest_checkpoint,
     prune_checkpoints,
@@ -168,7 +170,7 @@ def train(cfg: RunConfig) -> Path:
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_generator(cfg, dataset.num_classes)
     objective = objective_for(
-        _schedule_of(model), cfg.diffusion.objective, model.config.learn_sigma,
+        schedule_for_model(model), cfg.diffusion.objective, model.config.learn_sigma,
         time_sampling=cfg.diffusion.time_sampling, logit_mean=cfg.diffusion.logit_mean, logit_std=cfg.diffusion.logit_std,
     )
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
@@ -216,7 +218,7 @@ def train(cfg: RunConfig) -> Path:
         for a in range(t.grad_accum):
             mb = slice(a * micro, (a + 1) * micro)
             sync = a == t.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
+            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 loss = objective.loss(model, images[mb], times[mb], noise[mb], y=labels[mb]).mean()
                 accelerator.backward(loss / t.grad_accum)
@@ -267,20 +269,6 @@ def train(cfg: RunConfig) -> Path:
     return export_dir
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _schedule_of(model):
-    from genvis.diffusion.schedules import schedule_for_model
-
-    return schedule_for_model(model)
-
-
 def save_checkpoint(accelerator, ema: EMA, step: int, out: Path, keep: int) -> Path:
     root = out / "checkpoints"
     final = root / step_dir_name(step)
@@ -298,15 +286,6 @@ def save_checkpoint(accelerator, ema: EMA, step: int, out: Path, keep: int) -> P
         prune_checkpoints(out, keep)
     accelerator.wait_for_everyone()
     return final
-
-
-def export_model(model, export_dir: Path) -> None:
-    """EMA weights as a genvis model folder (config.json + safetensors), replaced atomically."""
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    finalize_dir(tmp, export_dir)
 
 
 def write_sample_grid(cfg: RunConfig, model, path: Path) -> None:

@@ -1,5 +1,4 @@
 """`genvis sample`: output formats, labels, and sample i depending only on (seed, i)."""
-import json
 import subprocess
 import sys
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from genvis.diffusion.predictions import Denoiser, target
+from genvis.diffusion.predictions import target
 from genvis.diffusion.schedules import DiscreteVPSchedule, FlowSchedule, linear_betas, make_schedule
 from genvis.samplers import get_sampler, make_grid, sample
 from genvis.samplers.grids import space_timesteps

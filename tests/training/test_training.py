@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -119,3 +118,22 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[0] == "step_0000002"
     again = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
     assert all(torch.equal(good[k], again[k]) for k in good)
+
+
+def test_corrupt_image_in_folder_dataset_stops_naming_the_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((np.random.RandomState(i).rand(12, 12, 3) * 255).astype(np.uint8)).save(root / cls / f"{i}.png")
+    bad = root / "b" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
+    out = tmp_path / "run"
+    proc = run_train(out, f"data.name=folder", f"data.path={root}", "data.channels=3", "train.steps=2", check=False)
+    lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and str(bad) in lines[0]
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
