@@ -24,13 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message as one line. A DataLoader worker's error arrives re-raised with the
+    worker's traceback in its message; its original message is then the last line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    last = lines[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except GenvisError as err:
-        print(f"genvis {args.command}: error: {err}", file=sys.stderr)
+        print(f"genvis {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"genvis {args.command}: interrupted", file=sys.stderr)

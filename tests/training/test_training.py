@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -120,7 +121,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.equal(good[k], again[k]) for k in good)
 
 
-def test_corrupt_image_in_folder_dataset_stops_naming_the_file(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_in_folder_dataset_stops_naming_the_file(tmp_path, workers):
     import numpy as np
     from PIL import Image
 
@@ -132,7 +134,8 @@ def test_corrupt_image_in_folder_dataset_stops_naming_the_file(tmp_path):
     bad = root / "b" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
     out = tmp_path / "run"
-    proc = run_train(out, f"data.name=folder", f"data.path={root}", "data.channels=3", "train.steps=2", check=False)
+    proc = run_train(out, f"data.name=folder", f"data.path={root}", "data.channels=3", "train.steps=2",
+                     f"data.num_workers={workers}", check=False)
     lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and str(bad) in lines[0]
