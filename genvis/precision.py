@@ -11,7 +11,8 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         # oneDNN's bf16 kernels need AVX-512 BF16 / AMX; without them bf16 is emulated and slow.
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(probe()) if probe is not None else False
     return False
 
 
