@@ -18,10 +18,9 @@ import torch
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
 from genvis.precision import autocast, resolve_precision
-from genvis.samplers import get_sampler, make_grid
+from genvis.samplers import get_sampler, make_grid, sample
 from genvis.samplers.common import randn_like
 from genvis.samplers.guidance import ClassifierFreeGuidance
-from genvis.diffusion.predictions import Denoiser
 
 
 def sample_seed(base: int, index: int) -> int:
@@ -66,7 +65,7 @@ def generate(
     precision = resolve_precision(precision, device)
     c = model.config
     schedule = schedule_for_model(model)
-    fn = get_sampler(sampler)
+    get_sampler(sampler)  # fail on a bad name before any work
     timesteps = make_grid(grid, schedule, steps) if isinstance(grid, str) else torch.as_tensor(grid, dtype=torch.float64)
 
     def model_fn(x, t, y):
@@ -74,7 +73,6 @@ def generate(
             return model(x, t, y).float()
 
     guided = ClassifierFreeGuidance(model_fn, cfg, model.null_class, pred_channels=c.in_channels, channels=cfg_channels)
-    denoiser = Denoiser(guided, schedule, c.prediction_type, learn_sigma=c.learn_sigma)
     shape = (c.in_channels, c.input_size, c.input_size)
     out = []
     batches = range(0, len(labels), batch_size)
@@ -86,7 +84,8 @@ def generate(
         y = labels[start : start + batch_size].to(device)
         gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
         x = randn_like(torch.empty(len(y), *shape), gens).to(device)
-        x0 = fn(denoiser, x, timesteps, cond={"y": y}, generator=gens, **sampler_options)
+        x0 = sample(guided, x, sampler=sampler, steps=steps, schedule=schedule, prediction=c.prediction_type, grid=timesteps,
+                    learn_sigma=c.learn_sigma, cond={"y": y}, generator=gens, **sampler_options)
         if tokenizer is not None:
             x0 = tokenizer.decode(x0)
         out.append(x0.float().cpu())
