@@ -94,3 +94,34 @@ def test_python_m_and_accelerate_launch(model_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_latent_model_decodes_through_local_vae(tmp_path, capsys):
+    """A DiT declaring SD-VAE latents samples through a local diffusers AutoencoderKL (--vae)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                tokenizer="sd-vae", latent_scale=0.18215)
+    model.save_pretrained(str(tmp_path / "latent_dit"))
+    # without --vae: one line saying what to pass
+    assert main(["sample", str(tmp_path / "latent_dit"), "--out", str(tmp_path / "x.npz"), "--num", "2", "--steps", "2"]) == 2
+    assert "--vae" in capsys.readouterr().err
+    sample(tmp_path / "latent_dit", tmp_path / "x.npz", "--num", "2", "--vae", str(tmp_path / "vae"))
+    arr = np.load(tmp_path / "x.npz")["arr_0"]
+    assert arr.shape == (2, 16, 16, 3)  # 8x8 latents decoded by the 2x VAE
+    # the images are the VAE's decode of the sampled latents divided by the latent scale
+    from genvis.generate import class_labels, generate, to_uint8
+    from genvis.tokenizers import DiffusersVAETokenizer
+
+    m = genvis.load_model(tmp_path / "latent_dit")
+    tok = DiffusersVAETokenizer(str(tmp_path / "vae"), 0.18215)
+    latents = generate(m, class_labels(2, 10), seed=0, steps=5, precision="fp32")
+    with torch.no_grad():
+        ref = vae.decode(latents / 0.18215).sample
+    assert np.array_equal(to_uint8(ref), arr)
+    assert np.array_equal(to_uint8(tok.decode(latents)), arr)
