@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from genvis.diffusion.predictions import _bcast, target, to_x0_eps
+from genvis.diffusion.predictions import per_sample, target, to_x0_eps
 from genvis.diffusion.schedules import DiscreteVPSchedule, Schedule
 
 
@@ -105,13 +105,13 @@ class DiffusionObjective:
 
     def loss(self, model_fn: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **cond) -> torch.Tensor:
         """Per-sample loss [B]. model_fn(x_t, t_model, **cond) -> raw output."""
-        alpha, sigma = (_bcast(v, x0) for v in self.schedule.alpha_sigma(t))
+        alpha, sigma = (per_sample(v, x0) for v in self.schedule.alpha_sigma(t))
         x_t = alpha * x0 + sigma * noise
         t_model = self.schedule.to_model_time(torch.as_tensor(t, dtype=torch.float64)).to(x0.device, torch.float32)
         out = model_fn(x_t, t_model, **cond).float()
         dalpha = dsigma = None
         if self.prediction == "velocity":
-            dalpha, dsigma = (_bcast(v, x0) for v in self.schedule.alpha_sigma_derivatives(t))
+            dalpha, dsigma = (per_sample(v, x0) for v in self.schedule.alpha_sigma_derivatives(t))
         if not self.learn_sigma:
             return mean_flat((out - target(self.prediction, x0, noise, alpha, sigma, dalpha, dsigma)) ** 2)
         eps_out, var_values = out.chunk(2, dim=1)

@@ -55,7 +55,8 @@ def target(prediction: str, x0, eps, alpha, sigma, dalpha=None, dsigma=None) -> 
     return dalpha * x0 + dsigma * eps
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or [B] schedule quantity (float64) as float32 [B, 1, ...] broadcasting against x."""
     v = torch.as_tensor(v, dtype=torch.float64)
     if v.ndim == 0:
         v = v.expand(x.shape[0])
@@ -91,10 +92,10 @@ class Denoiser:
         variance = None
         if self.learn_sigma:
             out, variance = out.chunk(2, dim=1)
-        alpha, sigma = (_bcast(v, x) for v in self.schedule.alpha_sigma(t))
+        alpha, sigma = (per_sample(v, x) for v in self.schedule.alpha_sigma(t))
         dalpha = dsigma = None
         if self.prediction == "velocity":
-            dalpha, dsigma = (_bcast(v, x) for v in self.schedule.alpha_sigma_derivatives(t))
+            dalpha, dsigma = (per_sample(v, x) for v in self.schedule.alpha_sigma_derivatives(t))
         x0, eps = to_x0_eps(out, x.float(), alpha, sigma, self.prediction, dalpha, dsigma)
         return Prediction(x0=x0, eps=eps, variance=variance)
 

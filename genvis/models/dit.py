@@ -7,6 +7,7 @@ unchanged; `forward(x, t, y)` returns exactly what the official model returns.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, Tuple
 
 import torch
@@ -201,14 +202,11 @@ def dit_config(size: str, patch_size: int, **kwargs) -> dict:
 
 def parse_arch(name: str) -> Tuple[str, int]:
     """'DiT-XL/2' -> ('XL', 2)."""
-    try:
-        prefix, rest = name.split("-", 1)
-        size, patch = rest.split("/")
-        assert prefix == "DiT" and size in DIT_SIZES and int(patch) in (2, 4, 8)
-        return size, int(patch)
-    except (ValueError, AssertionError):
+    match = re.fullmatch(r"DiT-(\w+)/(\d+)", name)
+    if match is None or match.group(1) not in DIT_SIZES or int(match.group(2)) not in (2, 4, 8):
         choices = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))
-        raise ValueError(f"unknown DiT architecture {name!r}; expected one of: {choices}") from None
+        raise ValueError(f"unknown DiT architecture {name!r}; expected one of: {choices}")
+    return match.group(1), int(match.group(2))
 
 
 @MODELS.register("dit")

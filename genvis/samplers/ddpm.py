@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from genvis.diffusion.predictions import Denoiser, _bcast
+from genvis.diffusion.predictions import Denoiser, per_sample
 from genvis.registry import SAMPLERS
 from genvis.samplers.common import randn_like, steps_of
 
@@ -36,7 +36,7 @@ def sample_ddpm(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callb
                 frac = (pred.variance + 1) / 2
                 logvar = frac * torch.log(var_ts).float() + (1 - frac) * torch.log(post_var).float()
             else:
-                logvar = _bcast(torch.log(post_var if variance == "small" else var_ts), x)
+                logvar = per_sample(torch.log(post_var if variance == "small" else var_ts), x)
             x = mean + torch.exp(0.5 * logvar) * randn_like(x, generator)
         else:
             x = mean

@@ -48,10 +48,14 @@ def read_trainer_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / "trainer_state.json").read_text())
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def finalize_dir(tmp: Path, final: Path) -> None:

@@ -17,6 +17,7 @@ class EMA:
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay = decay
         self.warmup = warmup
+        self._params = dict(self.model.named_parameters())  # load_state_dict copies in place, so this stays valid
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -24,10 +25,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = self.decay_at(step)
-        ema_params = dict(self.model.named_parameters())
         for name, p in model.named_parameters():
             if p.requires_grad:
-                ema_params[name].lerp_(p.detach().float(), 1.0 - d)
+                self._params[name].lerp_(p.detach().float(), 1.0 - d)
 
     def state_dict(self):
         return {k: v.contiguous() for k, v in self.model.state_dict().items()}

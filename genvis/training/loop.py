@@ -9,7 +9,6 @@ The learning rate is a pure function of the step, so no scheduler state needs re
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +34,7 @@ from genvis.training.checkpoint import (
     read_trainer_state,
     step_dir_name,
     write_json_atomic,
+    write_text_atomic,
 )
 from genvis.training.ema import EMA
 
@@ -160,10 +160,7 @@ def train(cfg: RunConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
-        cfg_path = out / "config.yaml"
-        tmp = out / ".config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, cfg_path)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     accelerator.wait_for_everyone()
 
     dataset = build_dataset(cfg.data, split="train")

@@ -44,7 +44,10 @@ def test_run_layout_and_sample_grids(tmp_path):
     for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "trainer_state.json"):
         assert (ckpt / name).is_file(), name
     assert json.loads((ckpt / "trainer_state.json").read_text()) == {"step": 4}
-    assert (out / "samples" / "step_0000004.png").is_file()
+    from PIL import Image
+
+    # 10 samples, one column per class: 10 tiles of 8 px with 2-px padding, one row
+    assert Image.open(out / "samples" / "step_0000004.png").size == (10 * 10 + 2, 10 + 2)
     assert any((out / "logs").rglob("events.out.tfevents*"))
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["_class_name"] == "DiT" and config["in_channels"] == 1 and config["input_size"] == 8
@@ -55,7 +58,8 @@ def test_run_layout_and_sample_grids(tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    args = ["train.steps=8", "train.checkpoint_every=2"]
+    # enough steps after the kill point that the kill always lands mid-run, however fast the machine
+    args = ["train.steps=32", "train.checkpoint_every=4"]
     ref = tmp_path / "ref"
     run_train(ref, *args)
 
@@ -68,15 +72,16 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         assert time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill landed"
     assert not (out / "model").exists()
-    run_train(out, *args)  # the same command again resumes
+    resumed = run_train(out, *args)  # the same command again resumes
+    assert "resuming from" in resumed.stdout and "steps 0->" not in resumed.stdout
 
     a, b = weights(ref / "model"), weights(out / "model")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
-    ma = load_file(str(ref / "checkpoints" / "step_0000008" / "model.safetensors"))
-    mb = load_file(str(out / "checkpoints" / "step_0000008" / "model.safetensors"))
+    ma = load_file(str(ref / "checkpoints" / "step_0000032" / "model.safetensors"))
+    mb = load_file(str(out / "checkpoints" / "step_0000032" / "model.safetensors"))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
@@ -134,7 +139,7 @@ def test_corrupt_image_in_folder_dataset_stops_naming_the_file(tmp_path, workers
     bad = root / "b" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
     out = tmp_path / "run"
-    proc = run_train(out, f"data.name=folder", f"data.path={root}", "data.channels=3", "train.steps=2",
+    proc = run_train(out, "data.name=folder", f"data.path={root}", "data.channels=3", "train.steps=2",
                      f"data.num_workers={workers}", check=False)
     lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
     assert proc.returncode == 2, proc.stderr[-2000:]
