@@ -5,6 +5,7 @@ With x_t = alpha x0 + sigma eps:
     x0        the clean data
     v         alpha eps - sigma x0                  (Salimans & Ho 2022)
     velocity  dx_t/dt = alpha' x0 + sigma' eps      (flow matching; = eps - x0 for rectified flow)
+    score     grad log p_t(x_t) = -eps / sigma      (score SDE)
 `Denoiser` wraps a network of any prediction type into the data prediction the samplers use.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from genvis.diffusion.schedules import Schedule
 
-PREDICTION_TYPES = ("eps", "x0", "v", "velocity")
+PREDICTION_TYPES = ("eps", "x0", "v", "velocity", "score")
 
 
 def _check(prediction: str) -> None:
@@ -31,6 +32,9 @@ def to_x0_eps(output, x_t, alpha, sigma, prediction: str, dalpha=None, dsigma=No
         return (x_t - sigma * output) / alpha, output
     if prediction == "x0":
         return output, (x_t - alpha * output) / sigma
+    if prediction == "score":
+        eps = -sigma * output
+        return (x_t - sigma * eps) / alpha, eps
     if prediction == "v":
         norm = alpha * alpha + sigma * sigma
         x0 = (alpha * x_t - sigma * output) / norm
@@ -52,6 +56,8 @@ def target(prediction: str, x0, eps, alpha, sigma, dalpha=None, dsigma=None) -> 
         return x0
     if prediction == "v":
         return alpha * eps - sigma * x0
+    if prediction == "score":
+        return -eps / sigma
     return dalpha * x0 + dsigma * eps
 
 
@@ -92,7 +98,11 @@ class Denoiser:
         variance = None
         if self.learn_sigma:
             out, variance = out.chunk(2, dim=1)
-        alpha, sigma = (per_sample(v, x) for v in self.schedule.alpha_sigma(t))
+        alpha64, sigma64 = self.schedule.alpha_sigma(t)
+        if self.prediction in ("eps", "score") and bool((alpha64 == 0).any()):
+            raise ValueError(f"an {self.prediction!r} prediction cannot give x0 where alpha = 0 (t = {t.max().item():g}); "
+                             "start the grid below the noise end or use a velocity, v or x0 model")
+        alpha, sigma = per_sample(alpha64, x), per_sample(sigma64, x)
         dalpha = dsigma = None
         if self.prediction == "velocity":
             dalpha, dsigma = (per_sample(v, x) for v in self.schedule.alpha_sigma_derivatives(t))

@@ -2,9 +2,10 @@
 
     sample_<name>(denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, **options) -> x0
 
-where `denoiser(x, t, **cond)` returns the data prediction for schedule time t and `grid` is a
-descending timestep grid ending at the data end (genvis.samplers.grids). Guidance wraps the model
-function (genvis.samplers.guidance), so every sampler gets it for free.
+where `denoiser(x, t, **cond)` returns the data prediction for schedule time t (and
+`denoiser.predict` gives x0, eps and any learned variance) and `grid` is a strictly descending
+timestep grid ending at the data end (genvis.samplers.grids). Guidance wraps the model function
+(genvis.samplers.guidance), so every sampler gets it. `sample()` is the entry point.
 """
 from __future__ import annotations
 
@@ -16,14 +17,37 @@ from genvis.diffusion.predictions import Denoiser
 from genvis.diffusion.schedules import Schedule, make_schedule
 from genvis.registry import SAMPLERS
 from genvis.samplers import ddim, ddpm, euler  # noqa: F401  (register the solvers)
-from genvis.samplers.grids import GRIDS, make_grid
+from genvis.samplers.common import sampler_options
+from genvis.samplers.grids import GRIDS, check_grid, make_grid
+from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
 
 
 def get_sampler(name: str) -> Callable:
+    """A registered sampler, or `diffusers:<SchedulerClass>` (any diffusers scheduler, adapted)."""
+    if name.startswith("diffusers:"):
+        from genvis.samplers.diffusers_adapter import diffusers_sampler
+
+        return diffusers_sampler(name.split(":", 1)[1])
     try:
         return SAMPLERS.get(name)
     except KeyError as err:
-        raise ValueError(err.args[0]) from None
+        raise ValueError(err.args[0] + ", or diffusers:<SchedulerClass>") from None
+
+
+def check_options(name: str, fn: Callable, options: dict) -> None:
+    valid = sampler_options(fn)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"sampler {name!r}: unknown option(s) {', '.join(unknown)}; it takes: {', '.join(valid) or 'no options'}")
+
+
+def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:
+    """The timestep grid for `steps` model evaluations of `sampler_fn` (named grids) or an explicit one."""
+    if isinstance(grid, str):
+        return make_grid(grid, schedule, sampler_fn.sampler_meta["intervals"](steps), **(grid_options or {}))
+    if grid_options:
+        raise ValueError("grid options apply to named grids only")
+    return check_grid(grid, schedule)
 
 
 def sample(
@@ -35,25 +59,41 @@ def sample(
     schedule,
     prediction: str,
     grid="default",
+    cfg=None,
+    generator=None,
     learn_sigma: bool = False,
     cond: Optional[dict] = None,
-    generator=None,
+    null_label: Optional[int] = None,
+    grid_options: Optional[dict] = None,
+    callback: Optional[Callable] = None,
     progress: bool = False,
     **options,
 ) -> torch.Tensor:
-    """Run `sampler` for `steps` model evaluations from `noise`; returns the data end x0.
+    """Run `sampler` from standard normal `noise`; returns the data end x0.
 
     model_fn(x, t, **cond) gets t in the schedule's own units (0..999 for "linear", [0, 1] with
-    t = 1 noise for "flow") and returns the native prediction of type `prediction`.
-    `grid` is a grid name or an explicit descending tensor of times ending at the data end.
+    t = 1 noise for "flow", sigma for "edm") and returns the native prediction `prediction`
+    (eps, x0, v, velocity or score; with learn_sigma, twice the channels).
+    schedule: a Schedule or a name ("linear", "cosine", "vp-linear", "flow", "edm", ...).
+    steps: model evaluations per sample (per guided pair); see each sampler's `steps_doc`.
+    grid: a grid name (options in grid_options, e.g. {"rho": 7}), a .json file, "t1,t2,..." or a
+        descending list of times. cfg: None, a scale, or a CFG (interval, scale schedule, channels);
+        guidance needs cond["y"] and null_label. **options: the sampler's own options.
     """
     if not isinstance(schedule, Schedule):
         schedule = make_schedule(schedule)
     fn = get_sampler(sampler)
-    if isinstance(grid, str):
-        grid = make_grid(grid, schedule, steps)
+    check_options(sampler, fn, options)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = resolve_grid(grid, schedule, fn, steps, grid_options)
+    if cfg is not None and not (isinstance(cfg, (int, float)) and float(cfg) == 1.0):
+        if cond is None or "y" not in cond or null_label is None:
+            raise ValueError("classifier-free guidance needs cond={'y': labels} and null_label")
+        model_fn = ClassifierFreeGuidance(model_fn, cfg, null_label, pred_channels=noise.shape[1], schedule=schedule)
     denoiser = Denoiser(model_fn, schedule, prediction, learn_sigma=learn_sigma)
-    return fn(denoiser, noise, torch.as_tensor(grid, dtype=torch.float64), cond=cond, generator=generator, progress=progress, **options)
+    x = noise * schedule.prior_std(float(grid[0]))
+    return fn(denoiser, x, grid, cond=cond, generator=generator, callback=callback, progress=progress, **options)
 
 
-__all__ = ["sample", "get_sampler", "make_grid", "GRIDS", "SAMPLERS"]
+__all__ = ["sample", "get_sampler", "make_grid", "GRIDS", "SAMPLERS", "CFG"]

@@ -1,12 +1,55 @@
-"""Noise drawing and step iteration shared by the solvers."""
+"""What the solvers share: registration with metadata, noise drawing, step iteration, and the
+schedule quantities at the grid points (float64).
+
+Every solver is registered with `register_sampler(name, ...)`. Its keyword-only parameters after
+the common ones (cond, generator, callback, progress) are its options: `genvis samplers` lists
+them and `sample()` rejects any other name. `intervals(steps)` turns the user's `steps` (model
+evaluations per sample) into the number of grid intervals the solver needs.
+"""
 from __future__ import annotations
 
-from typing import Sequence, Union
+import functools
+import inspect
+from typing import Callable, Dict, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
+from genvis.registry import SAMPLERS
+
 Generator = Union[None, torch.Generator, Sequence[torch.Generator]]
+COMMON_ARGS = ("denoiser", "x", "grid", "cond", "generator", "callback", "progress")
+
+
+def register_sampler(name: str, *, steps_doc: str = "model evaluations per sample", intervals: Callable[[int], int] = None,
+                     stochastic: bool = False, fn: Callable = None, summary: str = None):
+    """Register `fn` (or the decorated function) as sampler `name`.
+
+    steps_doc: what `steps` means for it; intervals: steps -> grid intervals (identity by default);
+    stochastic: whether it draws noise (uses `generator`); summary: one line for `genvis samplers`.
+    """
+
+    def decorator(f):
+        meta = {
+            "name": name,
+            "steps_doc": steps_doc,
+            "intervals": intervals or (lambda steps: steps),
+            "stochastic": stochastic,
+            "summary": summary or (inspect.getdoc(f) or "").split("\n")[0],
+        }
+        # one function under several names (or a partial): give each name its own metadata holder
+        wrapped = functools.partial(f) if hasattr(f, "sampler_meta") else f
+        wrapped.sampler_meta = meta
+        SAMPLERS.register(name)(wrapped)
+        return f
+
+    return decorator(fn) if fn is not None else decorator
+
+
+def sampler_options(fn: Callable) -> Dict[str, object]:
+    """A solver's own options and their defaults (keyword arguments beyond the common ones)."""
+    sig = inspect.signature(fn)
+    return {k: p.default for k, p in sig.parameters.items() if k not in COMMON_ARGS and p.kind is not p.VAR_KEYWORD}
 
 
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
@@ -23,3 +66,23 @@ def steps_of(grid: torch.Tensor, progress: bool, desc: str):
     """(i, t, t_next) over consecutive grid points, with an optional progress bar."""
     pairs = list(zip(range(len(grid) - 1), grid[:-1].tolist(), grid[1:].tolist()))
     return tqdm(pairs, desc=desc, leave=False) if progress else pairs
+
+
+class GridTable:
+    """alpha, sigma, lambda = log(alpha / sigma) at every grid point, float64 Python floats.
+
+    lambda is -inf where alpha = 0 (flow's noise end) and +inf at the data end (sigma = 0).
+    `ratio(i, j)` is exp(lambda_i - lambda_j) computed without infinities where possible.
+    """
+
+    def __init__(self, schedule, grid: torch.Tensor):
+        g = torch.as_tensor(grid, dtype=torch.float64)
+        alpha, sigma = schedule.alpha_sigma(g)
+        self.t = g.tolist()
+        self.alpha = alpha.tolist()
+        self.sigma = sigma.tolist()
+        self.lam = schedule.log_snr(g).tolist()
+        self.lam[-1] = float("inf") if self.sigma[-1] == 0 else self.lam[-1]
+
+    def __len__(self) -> int:
+        return len(self.t)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 
 from genvis.diffusion.predictions import Denoiser
-from genvis.registry import SAMPLERS
-from genvis.samplers.common import randn_like, steps_of
+from genvis.samplers.common import register_sampler, randn_like, steps_of
 
 
-@SAMPLERS.register("ddim")
+@register_sampler("ddim")
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, eta=0.0):
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, with

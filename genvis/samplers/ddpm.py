@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 
 from genvis.diffusion.predictions import Denoiser, per_sample
-from genvis.registry import SAMPLERS
-from genvis.samplers.common import randn_like, steps_of
+from genvis.samplers.common import register_sampler, randn_like, steps_of
 
 
-@SAMPLERS.register("ddpm")
+@register_sampler("ddpm", stochastic=True)
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, variance="small"):
     """Ancestral steps x_t -> x_s through q(x_s | x_t, x0_hat).

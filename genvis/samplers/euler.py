@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 
 from genvis.diffusion.predictions import Denoiser
-from genvis.registry import SAMPLERS
-from genvis.samplers.common import steps_of
+from genvis.samplers.common import register_sampler, steps_of
 
 
-@SAMPLERS.register("euler")
+@register_sampler("euler")
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False):
     cond = cond or {}
