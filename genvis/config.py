@@ -76,6 +76,7 @@ class SampleConfig:
 
     sampler: str = "ddpm"
     steps: int = 250
+    grid: str = "default"
     cfg: float = 1.0
     num: int = 100
 
@@ -163,6 +164,16 @@ def validate(cfg: RunConfig) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"key '{key}': must be >= 0")
+    from genvis.samplers import get_sampler
+    from genvis.samplers.grids import GRIDS
+
+    try:
+        get_sampler(cfg.sample.sampler)
+    except ValueError as err:
+        raise ConfigError(f"key 'sample.sampler': {err}") from None
+    if cfg.sample.grid not in GRIDS and not cfg.sample.grid.endswith(".json") and "," not in cfg.sample.grid:
+        raise ConfigError(f"key 'sample.grid': unknown grid {cfg.sample.grid!r}; expected one of: {', '.join(GRIDS)}, "
+                          "a .json file or t1,t2,...")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -10,7 +10,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ import torch
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
 from genvis.precision import autocast, resolve_precision
-from genvis.samplers import get_sampler, make_grid, sample
+from genvis.samplers import check_options, get_sampler, resolve_grid, sample
 from genvis.samplers.common import randn_like
-from genvis.samplers.guidance import ClassifierFreeGuidance
+from genvis.samplers.guidance import CFG
 
 
 def sample_seed(base: int, index: int) -> int:
@@ -52,27 +52,38 @@ def generate(
     sampler: str = "ddpm",
     steps: int = 250,
     grid="default",
+    grid_options: Optional[dict] = None,
     cfg: float = 1.0,
     cfg_channels: Optional[int] = None,
+    cfg_interval: Optional[Tuple[float, float]] = None,
+    cfg_schedule: str = "constant",
     batch_size: int = 64,
     precision: str = "auto",
     tokenizer=None,
+    model_fn: Optional[Callable] = None,
     progress: bool = False,
     **sampler_options,
 ) -> torch.Tensor:
-    """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j)."""
+    """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j).
+
+    model_fn(x, t, y) replaces the plain network call (T-Stitch, step caching; see
+    genvis.samplers.accel); it runs under the same autocast.
+    """
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     c = model.config
     schedule = schedule_for_model(model)
-    get_sampler(sampler)  # fail on a bad name before any work
-    timesteps = make_grid(grid, schedule, steps) if isinstance(grid, str) else torch.as_tensor(grid, dtype=torch.float64)
+    # fail on bad names and values before any work
+    fn = get_sampler(sampler)
+    check_options(sampler, fn, sampler_options)
+    timesteps = resolve_grid(grid, schedule, fn, steps, grid_options)
+    guidance = CFG(cfg, interval=cfg_interval, schedule=cfg_schedule, channels=cfg_channels)
+    network = model_fn or model
 
-    def model_fn(x, t, y):
+    def call(x, t, y):
         with autocast(device, precision):
-            return model(x, t, y).float()
+            return network(x, t, y).float()
 
-    guided = ClassifierFreeGuidance(model_fn, cfg, model.null_class, pred_channels=c.in_channels, channels=cfg_channels)
     shape = (c.in_channels, c.input_size, c.input_size)
     out = []
     batches = range(0, len(labels), batch_size)
@@ -84,8 +95,9 @@ def generate(
         y = labels[start : start + batch_size].to(device)
         gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
         x = randn_like(torch.empty(len(y), *shape), gens).to(device)
-        x0 = sample(guided, x, sampler=sampler, steps=steps, schedule=schedule, prediction=c.prediction_type, grid=timesteps,
-                    learn_sigma=c.learn_sigma, cond={"y": y}, generator=gens, **sampler_options)
+        x0 = sample(call, x, sampler=sampler, steps=steps, schedule=schedule, prediction=c.prediction_type, grid=timesteps,
+                    cfg=guidance, null_label=model.null_class, learn_sigma=c.learn_sigma, cond={"y": y}, generator=gens,
+                    **sampler_options)
         if tokenizer is not None:
             x0 = tokenizer.decode(x0)
         out.append(x0.float().cpu())

@@ -31,8 +31,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first K channels (official DiT: 3); default all")
-    p.add_argument("--steps", type=int, default=None, help="model evaluations per sample")
-    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS.names())}")
+    p.add_argument("--cfg-interval", default=None, metavar="T_LO,T_HI",
+                   help="guide only for normalised times t_lo < u <= t_hi (u: 0 data, 1 noise); other steps cost one call")
+    p.add_argument("--cfg-schedule", default="constant", help="guidance scale over time: constant | linear")
+    p.add_argument("--steps", type=int, default=None, help="model evaluations per sample (see `genvis samplers`)")
+    p.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS.names())}, or diffusers:<SchedulerClass>")
+    p.add_argument("--grid", default=None, help="timestep grid: a name (see `genvis samplers`), a .json file, or t1,t2,...")
+    p.add_argument("--grid-option", action="append", default=None, metavar="KEY=VALUE", help="grid option, e.g. rho=5 or shift=3")
+    p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option, e.g. order=3 or variant=bh1")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", help="auto (bf16 where native) | fp32 | bf16")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
@@ -63,25 +69,38 @@ def run(args) -> int:
 
     from genvis.generate import class_labels, generate, save_samples, to_uint8
     from genvis.models import load_model
-    from genvis.registry import SAMPLERS
+    from genvis.cli.options import parse_pairs
+    from genvis.samplers import check_options, get_sampler
+    from genvis.samplers.guidance import CFG, parse_interval
     from genvis.tokenizers import tokenizer_for_model
 
     defaults = _run_defaults(args.model)
     sampler = args.sampler or defaults.get("sampler", "ddpm")
-    if sampler not in SAMPLERS:
-        raise GenvisError(f"--sampler {sampler!r}: expected one of: {', '.join(SAMPLERS.names())}")
     steps = args.steps or defaults.get("steps", 250)
     cfg = args.cfg if args.cfg is not None else defaults.get("cfg", 1.0)
     num = args.num or defaults.get("num", 100)
     if num < 1 or steps < 1 or args.batch_size < 1:
         raise GenvisError("--num, --steps and --batch-size must be >= 1")
+    try:
+        options = parse_pairs(args.option, "--option")
+        grid_options = parse_pairs(args.grid_option, "--grid-option")
+        interval = parse_interval(args.cfg_interval) if args.cfg_interval else None
+        CFG(cfg, interval=interval, schedule=args.cfg_schedule, channels=args.cfg_channels)
+        check_options(sampler, get_sampler(sampler), options)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        raise GenvisError(str(err)) from None
     model = load_model(args.model, device=args.device)
     labels = class_labels(num, model.num_classes, args.classes)
     tokenizer = tokenizer_for_model(model, args.vae, device=args.device)
-    images = generate(
-        model, labels, seed=args.seed, sampler=sampler, steps=steps, cfg=cfg, cfg_channels=args.cfg_channels,
-        batch_size=args.batch_size, precision=args.precision, tokenizer=tokenizer, progress=True,
-    )
+    try:
+        images = generate(
+            model, labels, seed=args.seed, sampler=sampler, steps=steps, grid=args.grid or defaults.get("grid", "default"),
+            grid_options=grid_options, cfg=cfg, cfg_channels=args.cfg_channels, cfg_interval=interval,
+            cfg_schedule=args.cfg_schedule, batch_size=args.batch_size, precision=args.precision, tokenizer=tokenizer,
+            progress=True, **options,
+        )
+    except ValueError as err:  # grids and option values are checked before the first model call
+        raise GenvisError(str(err)) from None
     nrow = model.num_classes if args.classes is None and num >= model.num_classes else None
     kind = save_samples(to_uint8(images), np.asarray(labels), args.out, nrow=nrow)
     print(f"wrote {num} samples ({kind}) to {args.out}")

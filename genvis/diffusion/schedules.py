@@ -181,7 +181,7 @@ class ContinuousVPSchedule(Schedule):
         t = _f64(t)
         if self.kind == "linear":
             return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        return torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_alpha0
+        return (torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_alpha0).clamp(max=0.0)
 
     def alpha_sigma(self, t):
         log_alpha = self.log_alpha(t)

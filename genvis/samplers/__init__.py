@@ -16,7 +16,7 @@ import torch
 from genvis.diffusion.predictions import Denoiser
 from genvis.diffusion.schedules import Schedule, make_schedule
 from genvis.registry import SAMPLERS
-from genvis.samplers import ddim, ddpm, euler  # noqa: F401  (register the solvers)
+from genvis.samplers import ddim, ddpm, dpm_solver, euler, heun, rk45, sde, unipc  # noqa: F401  (register the solvers)
 from genvis.samplers.common import sampler_options
 from genvis.samplers.grids import GRIDS, check_grid, make_grid
 from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
@@ -39,6 +39,9 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"sampler {name!r}: unknown option(s) {', '.join(unknown)}; it takes: {', '.join(valid) or 'no options'}")
+    for key, allowed in getattr(fn, "sampler_meta", {}).get("choices", {}).items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected one of: {', '.join(map(str, allowed))}")
 
 
 def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:
@@ -87,7 +90,9 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     grid = resolve_grid(grid, schedule, fn, steps, grid_options)
-    if cfg is not None and not (isinstance(cfg, (int, float)) and float(cfg) == 1.0):
+    if isinstance(cfg, (int, float)):
+        cfg = CFG(cfg)
+    if cfg is not None and cfg.scale != 1.0:
         if cond is None or "y" not in cond or null_label is None:
             raise ValueError("classifier-free guidance needs cond={'y': labels} and null_label")
         model_fn = ClassifierFreeGuidance(model_fn, cfg, null_label, pred_channels=noise.shape[1], schedule=schedule)

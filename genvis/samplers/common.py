@@ -22,11 +22,12 @@ COMMON_ARGS = ("denoiser", "x", "grid", "cond", "generator", "callback", "progre
 
 
 def register_sampler(name: str, *, steps_doc: str = "model evaluations per sample", intervals: Callable[[int], int] = None,
-                     stochastic: bool = False, fn: Callable = None, summary: str = None):
+                     stochastic: bool = False, fn: Callable = None, summary: str = None, choices: Dict[str, tuple] = None):
     """Register `fn` (or the decorated function) as sampler `name`.
 
     steps_doc: what `steps` means for it; intervals: steps -> grid intervals (identity by default);
-    stochastic: whether it draws noise (uses `generator`); summary: one line for `genvis samplers`.
+    stochastic: whether it draws noise (uses `generator`); summary: one line for `genvis samplers`;
+    choices: option -> allowed values, checked by `sample()` before the first model call.
     """
 
     def decorator(f):
@@ -36,6 +37,7 @@ def register_sampler(name: str, *, steps_doc: str = "model evaluations per sampl
             "intervals": intervals or (lambda steps: steps),
             "stochastic": stochastic,
             "summary": summary or (inspect.getdoc(f) or "").split("\n")[0],
+            "choices": dict(choices or {}),
         }
         # one function under several names (or a partial): give each name its own metadata holder
         wrapped = functools.partial(f) if hasattr(f, "sampler_meta") else f

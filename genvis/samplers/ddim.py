@@ -7,7 +7,7 @@ from genvis.diffusion.predictions import Denoiser
 from genvis.samplers.common import register_sampler, randn_like, steps_of
 
 
-@register_sampler("ddim")
+@register_sampler("ddim", summary="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like noise")
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, eta=0.0):
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, with

@@ -7,7 +7,8 @@ from genvis.diffusion.predictions import Denoiser, per_sample
 from genvis.samplers.common import register_sampler, randn_like, steps_of
 
 
-@register_sampler("ddpm", stochastic=True)
+@register_sampler("ddpm", stochastic=True, summary="DDPM ancestral sampling (Ho et al. 2020), fixed or learned variance (DiT)",
+                  choices={"variance": ("small", "large")})
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, variance="small"):
     """Ancestral steps x_t -> x_s through q(x_s | x_t, x0_hat).

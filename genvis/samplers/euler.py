@@ -12,7 +12,7 @@ from genvis.diffusion.predictions import Denoiser
 from genvis.samplers.common import register_sampler, steps_of
 
 
-@register_sampler("euler")
+@register_sampler("euler", summary="Euler on the probability-flow ODE (flow: in t; VP: in sigma/alpha)")
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False):
     cond = cond or {}

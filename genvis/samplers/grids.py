@@ -70,10 +70,12 @@ def _discrete(schedule: Schedule, steps: int, name: str) -> DiscreteVPSchedule:
 
 
 def grid_uniform(schedule: Schedule, steps: int) -> torch.Tensor:
+    """Uniform in t from the noise end to the data end, no rounding."""
     return torch.linspace(schedule.noise_end, schedule.data_end, steps + 1, dtype=torch.float64)
 
 
 def grid_trailing(schedule: Schedule, steps: int) -> torch.Tensor:
+    """diffusers "trailing": round(T - i T / K) - 1 (999, 899, ...); continuous: uniform."""
     if not schedule.discrete:
         return grid_uniform(schedule, steps)
     s = _discrete(schedule, steps, "trailing")
@@ -82,6 +84,7 @@ def grid_trailing(schedule: Schedule, steps: int) -> torch.Tensor:
 
 
 def grid_linspace(schedule: Schedule, steps: int) -> torch.Tensor:
+    """diffusers "linspace": round(linspace(T - 1, 0, K)); continuous: uniform."""
     if not schedule.discrete:
         return grid_uniform(schedule, steps)
     s = _discrete(schedule, steps, "linspace")
@@ -89,13 +92,14 @@ def grid_linspace(schedule: Schedule, steps: int) -> torch.Tensor:
 
 
 def grid_leading(schedule: Schedule, steps: int) -> torch.Tensor:
+    """diffusers "leading": (K - 1, ..., 0) * (T // K) (discrete schedules only)."""
     s = _discrete(schedule, steps, "leading")
     ratio = s.num_timesteps // steps
     return _close(s, (torch.arange(steps - 1, -1, -1, dtype=torch.float64) * ratio))
 
 
 def grid_default(schedule: Schedule, steps: int) -> torch.Tensor:
-    """Discrete VP: DiT's respacing; flow: uniform after the schedule's shift; EDM: Karras."""
+    """Discrete VP: DiT's respacing; flow: uniform after the schedule's shift; EDM: Karras; else uniform."""
     if isinstance(schedule, DiscreteVPSchedule):
         s = _discrete(schedule, steps, "default")
         return _close(s, space_timesteps(s.num_timesteps, steps)[::-1])
@@ -118,12 +122,14 @@ def _log_snr_range(schedule: Schedule, steps: int):
 
 
 def grid_logsnr(schedule: Schedule, steps: int) -> torch.Tensor:
+    """Uniform in lambda = log(alpha / sigma) down to t_min (DPM-Solver)."""
     head, lo, hi, n = _log_snr_range(schedule, steps)
     lam = torch.linspace(lo, hi, n, dtype=torch.float64) if n > 1 else _f64([lo] * n)
     return _close(schedule, torch.cat([_f64(head), schedule.t_of_log_snr(lam)]))
 
 
 def grid_karras(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022: sigma / alpha uniform in its 1/rho power down to t_min."""
     head, lo, hi, n = _log_snr_range(schedule, steps)
     s_max, s_min = math.exp(-lo), math.exp(-hi)  # sigma / alpha
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(n, dtype=torch.float64)
@@ -132,6 +138,7 @@ def grid_karras(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tenso
 
 
 def grid_shift(schedule: Schedule, steps: int, shift: Optional[float] = None) -> torch.Tensor:
+    """Uniform flow-equivalent time tau, warped tau' = s tau / (1 + (s - 1) tau) (default s: the schedule's, else 3)."""
     if shift is None:
         shift = schedule.shift if schedule.is_flow and schedule.shift != 1.0 else 3.0
     if shift <= 0:

@@ -293,7 +293,7 @@ def write_sample_grid(cfg: RunConfig, model, path: Path) -> None:
     num_classes = model.num_classes
     labels = class_labels(cfg.sample.num, num_classes)
     images = generate(
-        model, labels, seed=cfg.seed, sampler=cfg.sample.sampler, steps=cfg.sample.steps, cfg=cfg.sample.cfg,
+        model, labels, seed=cfg.seed, sampler=cfg.sample.sampler, steps=cfg.sample.steps, grid=cfg.sample.grid, cfg=cfg.sample.cfg,
         precision=cfg.train.mixed_precision,
     )
     save_grid(to_uint8(images), path, nrow=min(num_classes, len(labels)))

@@ -72,6 +72,15 @@ def test_image_matches_python_api(model_dir, tmp_path):
     [
         (["--sampler", "nope"], "nope"),
         (["--classes", "12"], "12"),
+        (["--sampler", "ddim", "--option", "etta=1"], "etta"),
+        (["--sampler", "ddpm", "--option", "variance=medium"], "medium"),
+        (["--grid", "karas"], "karras"),
+        (["--grid", "karras", "--grid-option", "rh=3"], "rho"),
+        (["--grid", "999,999,0"], "strictly decrease"),
+        (["--cfg", "2", "--cfg-interval", "0.9,0.1"], "t_lo < t_hi"),
+        (["--cfg", "2", "--cfg-interval", "0.1"], "T_LO,T_HI"),
+        (["--cfg-schedule", "cosine"], "constant, linear"),
+        (["--option", "order"], "KEY=VALUE"),
     ],
 )
 def test_bad_input_one_line(model_dir, tmp_path, capsys, args, needle):
@@ -79,6 +88,32 @@ def test_bad_input_one_line(model_dir, tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_grid_interval_and_options_reach_the_sampler(model_dir, tmp_path):
+    """CLI flags give the same images as the Python API with the same grid, guidance and options."""
+    from genvis.generate import class_labels, generate, to_uint8
+
+    sample(model_dir, tmp_path / "x.npz", "--num", "4", "--sampler", "ddim", "--option", "eta=0.5", "--grid", "karras",
+           "--grid-option", "rho=5", "--cfg", "2", "--cfg-interval", "0.2,0.8", "--cfg-schedule", "linear")
+    model = genvis.load_model(model_dir)
+    imgs = generate(model, class_labels(4, 10), seed=0, sampler="ddim", steps=5, grid="karras", grid_options={"rho": 5},
+                    cfg=2.0, cfg_interval=(0.2, 0.8), cfg_schedule="linear", precision="fp32", eta=0.5)
+    assert np.array_equal(np.repeat(to_uint8(imgs), 3, axis=-1), np.load(tmp_path / "x.npz")["arr_0"])
+    plain = generate(model, class_labels(4, 10), seed=0, sampler="ddim", steps=5, grid="karras", grid_options={"rho": 5},
+                     cfg=2.0, precision="fp32", eta=0.5)
+    assert not torch.equal(plain, imgs)  # the interval and schedule changed the result
+
+
+def test_samplers_command_lists_every_sampler_grid_and_option(capsys):
+    from genvis.registry import SAMPLERS
+    from genvis.samplers.grids import GRIDS
+
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    for name in list(SAMPLERS.names()) + list(GRIDS):
+        assert f"  {name} " in out, name
+    assert "eta=0.0" in out and "rho=7.0" in out and "diffusers:<SchedulerClass>" in out
 
 
 def test_not_a_model_folder(tmp_path, capsys):
