@@ -60,14 +60,19 @@ def generate(
     batch_size: int = 64,
     precision: str = "auto",
     tokenizer=None,
-    model_fn: Optional[Callable] = None,
+    stitch_small=None,
+    stitch_fraction: float = 0.4,
+    cache_refresh: int = 1,
+    cache_keep_blocks: int = 2,
     progress: bool = False,
     **sampler_options,
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j).
 
-    model_fn(x, t, y) replaces the plain network call (T-Stitch, step caching; see
-    genvis.samplers.accel); it runs under the same autocast.
+    Acceleration (genvis.samplers.accel): `stitch_small`, a smaller model of the same latent space,
+    runs the first `stitch_fraction` of the steps (T-Stitch); `cache_refresh` > 1 reuses the deep
+    DiT blocks' residual between refreshes (of the model that is running), keeping the first
+    `cache_keep_blocks` blocks fresh on every call.
     """
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
@@ -78,7 +83,7 @@ def generate(
     check_options(sampler, fn, sampler_options)
     timesteps = resolve_grid(grid, schedule, fn, steps, grid_options)
     guidance = CFG(cfg, interval=cfg_interval, schedule=cfg_schedule, channels=cfg_channels)
-    network = model_fn or model
+    network = accelerated(model, timesteps, stitch_small, stitch_fraction, cache_refresh, cache_keep_blocks)
 
     def call(x, t, y):
         with autocast(device, precision):
@@ -102,6 +107,23 @@ def generate(
             x0 = tokenizer.decode(x0)
         out.append(x0.float().cpu())
     return torch.cat(out)
+
+
+def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, cache_refresh: int = 1,
+                cache_keep_blocks: int = 2) -> Callable:
+    """The network call with T-Stitch and/or DiT step caching applied (the plain model without either)."""
+    from genvis.samplers.accel import DiTStepCache, tstitch
+
+    def cached(m):
+        return DiTStepCache(m, refresh=cache_refresh, keep_blocks=cache_keep_blocks) if cache_refresh > 1 else m
+
+    if stitch_small is None:
+        return cached(model)
+    for key in ("in_channels", "input_size", "prediction_type", "schedule", "learn_sigma", "num_classes"):
+        if getattr(stitch_small.config, key) != getattr(model.config, key):
+            raise GenvisError(f"T-Stitch: the small model's {key} is {getattr(stitch_small.config, key)!r}, "
+                              f"the large model's {getattr(model.config, key)!r}; both must share it")
+    return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -39,6 +39,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid", default=None, help="timestep grid: a name (see `genvis samplers`), a .json file, or t1,t2,...")
     p.add_argument("--grid-option", action="append", default=None, metavar="KEY=VALUE", help="grid option, e.g. rho=5 or shift=3")
     p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option, e.g. order=3 or variant=bh1")
+    p.add_argument("--stitch-small", default=None, metavar="RUN_OR_MODEL",
+                   help="T-Stitch: a smaller model of the same latent space runs the first --stitch-fraction of the steps")
+    p.add_argument("--stitch-fraction", type=float, default=0.4)
+    p.add_argument("--cache-refresh", type=int, default=1,
+                   help="DiT step caching: run the deep blocks every N-th call only (1 = off)")
+    p.add_argument("--cache-keep-blocks", type=int, default=2, help="blocks computed on every call when caching")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", help="auto (bf16 where native) | fp32 | bf16")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
@@ -79,8 +85,10 @@ def run(args) -> int:
     steps = args.steps or defaults.get("steps", 250)
     cfg = args.cfg if args.cfg is not None else defaults.get("cfg", 1.0)
     num = args.num or defaults.get("num", 100)
-    if num < 1 or steps < 1 or args.batch_size < 1:
-        raise GenvisError("--num, --steps and --batch-size must be >= 1")
+    if num < 1 or steps < 1 or args.batch_size < 1 or args.cache_refresh < 1:
+        raise GenvisError("--num, --steps, --batch-size and --cache-refresh must be >= 1")
+    if not 0.0 <= args.stitch_fraction <= 1.0:
+        raise GenvisError(f"--stitch-fraction {args.stitch_fraction}: expected a value in [0, 1]")
     try:
         options = parse_pairs(args.option, "--option")
         grid_options = parse_pairs(args.grid_option, "--grid-option")
@@ -90,6 +98,9 @@ def run(args) -> int:
     except (ValueError, argparse.ArgumentTypeError) as err:
         raise GenvisError(str(err)) from None
     model = load_model(args.model, device=args.device)
+    if args.cache_refresh > 1 and not 0 <= args.cache_keep_blocks <= model.config.depth:
+        raise GenvisError(f"--cache-keep-blocks {args.cache_keep_blocks}: expected 0..{model.config.depth} (the model's depth)")
+    small = load_model(args.stitch_small, device=args.device) if args.stitch_small else None
     labels = class_labels(num, model.num_classes, args.classes)
     tokenizer = tokenizer_for_model(model, args.vae, device=args.device)
     try:
@@ -97,7 +108,8 @@ def run(args) -> int:
             model, labels, seed=args.seed, sampler=sampler, steps=steps, grid=args.grid or defaults.get("grid", "default"),
             grid_options=grid_options, cfg=cfg, cfg_channels=args.cfg_channels, cfg_interval=interval,
             cfg_schedule=args.cfg_schedule, batch_size=args.batch_size, precision=args.precision, tokenizer=tokenizer,
-            progress=True, **options,
+            stitch_small=small, stitch_fraction=args.stitch_fraction, cache_refresh=args.cache_refresh,
+            cache_keep_blocks=args.cache_keep_blocks, progress=True, **options,
         )
     except ValueError as err:  # grids and option values are checked before the first model call
         raise GenvisError(str(err)) from None

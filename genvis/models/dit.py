@@ -8,7 +8,7 @@ unchanged; `forward(x, t, y)` returns exactly what the official model returns.
 from __future__ import annotations
 
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -170,12 +170,27 @@ class DiT(ModelMixin, ConfigMixin):
         x: [B, C, H, W] noisy input; t: [B] timesteps in the schedule's units (float or int);
         y: [B] class labels (index num_classes = null). Returns [B, out_channels, H, W].
         """
-        x = self.x_embedder(x) + self.pos_embed  # B, N, D
-        c = self.t_embedder(t) + self.y_embedder(y)  # B, D
-        for block in self.blocks:
-            x = block(x, c)
-        x = self.final_layer(x, c)  # B, N, p*p*out
-        return self.unpatchify(x)
+        h, c = self.embed(x, t, y)
+        return self.head(self.run_blocks(h, c), c)
+
+    # forward = embed -> run_blocks -> head; the pieces let samplers reuse part of the network
+    # (genvis.samplers.accel.DiTStepCache).
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tokens h = patch embedding + position embedding [B, N, D] and conditioning c = t_emb + y_emb [B, D]."""
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        return h, c
+
+    def run_blocks(self, h: torch.Tensor, c: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Blocks start..stop-1 (Python slice semantics; default all) applied to the tokens h."""
+        for block in self.blocks[start:stop]:
+            h = block(h, c)
+        return h
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Final adaLN layer and unpatchify: tokens [B, N, D] -> [B, out_channels, H, W]."""
+        return self.unpatchify(self.final_layer(h, c))
 
     @property
     def null_class(self) -> int:

@@ -75,9 +75,9 @@ class ClassifierFreeGuidance:
         schedule: needed for an interval or a non-constant scale schedule (normalised time).
     """
 
-    def __init__(self, model_fn: Callable, cfg, null_label: int, pred_channels: int, schedule=None, channels: Optional[int] = None):
+    def __init__(self, model_fn: Callable, cfg, null_label: int, pred_channels: int, schedule=None):
         if not isinstance(cfg, CFG):
-            cfg = CFG(float(cfg), channels=channels)
+            cfg = CFG(float(cfg))
         if schedule is None and (cfg.interval is not None or cfg.schedule != "constant"):
             raise ValueError("a cfg interval or scale schedule needs the noise schedule")
         self.model_fn = model_fn

@@ -81,6 +81,8 @@ def test_image_matches_python_api(model_dir, tmp_path):
         (["--cfg", "2", "--cfg-interval", "0.1"], "T_LO,T_HI"),
         (["--cfg-schedule", "cosine"], "constant, linear"),
         (["--option", "order"], "KEY=VALUE"),
+        (["--cache-refresh", "2", "--cache-keep-blocks", "5"], "--cache-keep-blocks 5"),
+        (["--stitch-fraction", "1.5", "--stitch-small", "x"], "--stitch-fraction 1.5"),
     ],
 )
 def test_bad_input_one_line(model_dir, tmp_path, capsys, args, needle):
@@ -103,6 +105,27 @@ def test_grid_interval_and_options_reach_the_sampler(model_dir, tmp_path):
     plain = generate(model, class_labels(4, 10), seed=0, sampler="ddim", steps=5, grid="karras", grid_options={"rho": 5},
                      cfg=2.0, precision="fp32", eta=0.5)
     assert not torch.equal(plain, imgs)  # the interval and schedule changed the result
+
+
+def test_stitch_and_cache_flags(model_dir, tmp_path):
+    """--stitch-small with fraction 1 is the small model alone; caching with refresh 1 is exact, refresh 2 differs."""
+    torch.manual_seed(1)
+    small = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in small.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    small.save_pretrained(str(tmp_path / "small"))
+    sample(model_dir, tmp_path / "s.npz", "--num", "3", "--stitch-small", str(tmp_path / "small"), "--stitch-fraction", "1")
+    sample(tmp_path / "small", tmp_path / "alone.npz", "--num", "3")
+    assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "alone.npz")["arr_0"])
+    sample(model_dir, tmp_path / "half.npz", "--num", "3", "--stitch-small", str(tmp_path / "small"), "--stitch-fraction", "0.4")
+    assert not np.array_equal(np.load(tmp_path / "half.npz")["arr_0"], np.load(tmp_path / "alone.npz")["arr_0"])
+    sample(model_dir, tmp_path / "plain.npz", "--num", "3")
+    sample(model_dir, tmp_path / "c1.npz", "--num", "3", "--cache-refresh", "1")
+    sample(model_dir, tmp_path / "c2.npz", "--num", "3", "--cache-refresh", "2", "--cache-keep-blocks", "0")
+    plain, c1, c2 = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in ("plain", "c1", "c2"))
+    assert np.array_equal(plain, c1) and not np.array_equal(plain, c2)
 
 
 def test_samplers_command_lists_every_sampler_grid_and_option(capsys):

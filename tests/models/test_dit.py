@@ -13,7 +13,7 @@ import torch
 from genvis.errors import GenvisError
 from genvis.models import load_model
 from genvis.models.dit import DIT_SIZES, DiT, dit_config, parse_arch
-from genvis.samplers.guidance import ClassifierFreeGuidance
+from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
 
 TINY = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -336,7 +336,7 @@ def test_cfg_guides_all_prediction_channels_by_default():
     y = y.clamp(max=TINY["num_classes"] - 1)
     counted = CountingModel(model)
     with torch.no_grad():
-        out = ClassifierFreeGuidance(counted, scale=4.0, null_label=10, pred_channels=4)(x, t, y)
+        out = ClassifierFreeGuidance(counted, cfg=4.0, null_label=10, pred_channels=4)(x, t, y)
         cond = model(x, t, y)
         uncond = model(x, t, torch.full_like(y, 10))
     assert counted.batches == [8]
@@ -351,10 +351,10 @@ def test_cfg_three_channels_matches_official_forward_with_cfg():
     x, t, y = inputs(seed=5)
     y = y.clamp(max=TINY["num_classes"] - 1)
     with torch.no_grad():
-        out = ClassifierFreeGuidance(model, scale=1.5, null_label=10, pred_channels=4, channels=3)(x, t, y)
+        out = ClassifierFreeGuidance(model, CFG(1.5, channels=3), null_label=10, pred_channels=4)(x, t, y)
         expected = official_forward_with_cfg(model, x, t, y, null=10, scale=1.5)
         cond = model(x, t, y)
-        everything = ClassifierFreeGuidance(model, scale=1.5, null_label=10, pred_channels=4)(x, t, y)
+        everything = ClassifierFreeGuidance(model, cfg=1.5, null_label=10, pred_channels=4)(x, t, y)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # The 4th latent channel and the variance are the conditional output, unguided.
     torch.testing.assert_close(out[:, 3:], cond[:, 3:], atol=1e-5, rtol=1e-5)
@@ -366,7 +366,7 @@ def test_cfg_scale_one_is_one_plain_call():
     x, t, y = inputs()
     counted = CountingModel(model)
     with torch.no_grad():
-        out = ClassifierFreeGuidance(counted, scale=1.0, null_label=10, pred_channels=4)(x, t, y)
+        out = ClassifierFreeGuidance(counted, cfg=1.0, null_label=10, pred_channels=4)(x, t, y)
         expected = model(x, t, y)
     assert counted.batches == [4]
     assert torch.equal(out, expected)
