@@ -5,10 +5,32 @@ import inspect
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("samplers", help="list samplers, timestep grids and their options",
-                              description="Lists every sampler (what --steps means for it, its --option keys and defaults), "
-                              "every timestep grid (--grid, --grid-option), the schedules and the guidance options.")
+    p = subparsers.add_parser("samplers", help="list samplers, timestep grids and their options; search a grid",
+                              description="Without an action: lists every sampler (what --steps means for it, its --option keys "
+                              "and defaults), every timestep grid (--grid, --grid-option), the schedules and the guidance options.")
     p.set_defaults(func=run)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    s = actions.add_parser(
+        "search", help="evolutionary timestep-grid search for a model and sampler; writes a grid JSON for --grid",
+        description="AutoDiffusion-style search: grids of --steps model evaluations are evolved to minimise the metric, "
+        "'reference' (RMS distance to a tight rk45 solution from the same noise) or 'digits' (Frechet distance of the "
+        "samples in the digits-classifier feature space). The best grid is written to OUT (a .json) atomically.",
+    )
+    s.add_argument("model", metavar="RUN_OR_MODEL")
+    s.add_argument("--sampler", default="ddim")
+    s.add_argument("--steps", type=int, required=True, help="model evaluations per sample")
+    s.add_argument("--out", required=True, help="grid file to write (.json); use it with genvis sample --grid OUT")
+    s.add_argument("--metric", default="reference", choices=["reference", "digits"])
+    s.add_argument("--num", type=int, default=64, help="samples scored per candidate grid")
+    s.add_argument("--cfg", type=float, default=1.0)
+    s.add_argument("--population", type=int, default=16)
+    s.add_argument("--generations", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--reference-tol", type=float, default=1e-5, help="rk45 rtol = atol of the reference solution")
+    s.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option")
+    s.add_argument("--precision", default="fp32")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=run_search)
 
 
 def _fmt(options: dict) -> str:
@@ -49,4 +71,61 @@ def describe() -> str:
 
 def run(args) -> int:
     print(describe())
+    return 0
+
+
+def run_search(args) -> int:
+    import torch
+
+    from genvis.cli.options import parse_pairs
+    from genvis.diffusion.schedules import schedule_for_model
+    from genvis.errors import GenvisError
+    from genvis.generate import class_labels, generate
+    from genvis.models import load_model
+    from genvis.samplers import check_options, get_sampler
+    from genvis.samplers.search import save_grid_json, search_grid
+
+    if not args.out.endswith(".json"):
+        raise GenvisError(f"--out {args.out}: expected a .json file")
+    if args.steps < 1 or args.num < 2 or args.population < 2 or args.generations < 0:
+        raise GenvisError("--steps must be >= 1, --num and --population >= 2, --generations >= 0")
+    try:
+        options = parse_pairs(args.option, "--option")
+        fn = get_sampler(args.sampler)
+        check_options(args.sampler, fn, options)
+    except ValueError as err:
+        raise GenvisError(str(err)) from None
+    if fn.sampler_meta["stochastic"] and args.metric == "reference":
+        raise GenvisError(f"--sampler {args.sampler}: the reference metric needs a deterministic (ODE) sampler")
+    model = load_model(args.model, device=args.device)
+    schedule = schedule_for_model(model)
+    labels = class_labels(args.num, model.num_classes)
+    common = dict(seed=args.seed, cfg=args.cfg, batch_size=args.num, precision=args.precision)
+
+    def run_grid(grid, sampler=args.sampler, **opts):
+        return generate(model, labels, sampler=sampler, steps=len(grid) - 1, grid=grid, **common, **opts)
+
+    if args.metric == "reference":
+        print(f"reference solution: rk45, tolerance {args.reference_tol:g} ...", flush=True)
+        ref = generate(model, labels, sampler="rk45", steps=1, rtol=args.reference_tol, atol=args.reference_tol, **common)
+
+        def score(grid):
+            return float(torch.sqrt(torch.mean((run_grid(grid, **options).double() - ref.double()) ** 2)))
+    else:
+        from genvis.evaluation.digits import digits_metrics
+
+        def score(grid):
+            return digits_metrics(run_grid(grid, **options), labels)["fd"]
+
+    intervals = fn.sampler_meta["intervals"](args.steps)
+    try:
+        best, best_score, history = search_grid(score, schedule, intervals, population=args.population,
+                                                elite=max(1, args.population // 4), generations=args.generations, seed=args.seed)
+    except ValueError as err:
+        raise GenvisError(str(err)) from None
+    for h in history:
+        print(f"generation {h['generation']:>3}: best {args.metric} {h['best_score']:.5g} ({h['evaluations']} grids scored)")
+    save_grid_json(args.out, best, schedule, {"sampler": args.sampler, "metric": args.metric, "score": best_score,
+                                              "cfg": args.cfg, "num": args.num})
+    print(f"wrote {args.out}: {[round(v, 4) for v in best.tolist()]}")
     return 0

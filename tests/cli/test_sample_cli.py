@@ -128,6 +128,27 @@ def test_stitch_and_cache_flags(model_dir, tmp_path):
     assert np.array_equal(plain, c1) and not np.array_equal(plain, c2)
 
 
+def test_grid_search_writes_a_grid_that_sample_reads(model_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "grid.json"
+    assert main(["samplers", "search", str(model_dir), "--sampler", "ddim", "--steps", "3", "--out", str(out), "--num", "4",
+                 "--population", "4", "--generations", "1"]) == 0
+    data = json.loads(out.read_text())
+    assert data["schedule"] == "linear" and data["steps"] == 3 and len(data["timesteps"]) == 4
+    assert data["timesteps"][0] == 999 and data["timesteps"][-1] == -1
+    # the recorded score is the RMS distance of that grid's samples to the rk45 reference
+    from genvis.generate import class_labels, generate
+
+    model = genvis.load_model(model_dir)
+    common = dict(seed=0, batch_size=4, precision="fp32")
+    ref = generate(model, class_labels(4, 10), sampler="rk45", steps=1, rtol=1e-5, atol=1e-5, **common)
+    ours = generate(model, class_labels(4, 10), sampler="ddim", steps=3, grid=str(out), **common)
+    assert abs(torch.sqrt(torch.mean((ours.double() - ref.double()) ** 2)).item() - data["score"]) < 1e-6
+    sample(model_dir, tmp_path / "x.png", "--num", "2", "--sampler", "ddim", "--grid", str(out))
+    assert main(["samplers", "search", str(model_dir), "--steps", "3", "--out", str(tmp_path / "g.txt")]) == 2
+
+
 def test_samplers_command_lists_every_sampler_grid_and_option(capsys):
     from genvis.registry import SAMPLERS
     from genvis.samplers.grids import GRIDS
