@@ -220,13 +220,13 @@ def diffusers_table(model, z, ref) -> list:
 
 
 def rk45_check(model, z, ref) -> dict:
-    """genvis rk45 at rtol = atol = 1e-10 against the reference. It integrates to the grid's last model
-    time and returns the x0 prediction there: t = -0.999 has sigma = 3e-4, so that jump costs ~1e-7."""
+    """genvis rk45 at rtol = atol = 1e-10 against the reference. It integrates to t_end and returns the
+    x0 prediction there: t = -0.999 has sigma = 3e-4, so that jump costs ~1e-7."""
     if "rk45" not in SAMPLERS:
         return {}
     try:
-        out, calls = run(model, z, model.schedule, "rk45", 1, grid=[999.0, -0.999], rtol=1e-10, atol=1e-10,
-                         max_steps=1000)
+        out, calls = run(model, z, model.schedule, "rk45", 1, grid=[999.0, -1.0], rtol=1e-10, atol=1e-10,
+                         t_end=-0.999, max_steps=1000)
         return {"rtol": 1e-10, "nfe": calls, "error": rms(out, ref)}
     except (ValueError, RuntimeError) as err:
         return {"rtol": 1e-10, "failed": str(err).split("\n")[0]}
@@ -241,7 +241,7 @@ def print_report(samples: int, ref_info: dict, rk45: dict, names, skipped, faile
           f"RMS change against rtol 1e-9: {ref_info['rms_change_vs_rtol_1e-9']:.1e}.")
     if rk45:
         outcome = f"error {rk45['error']:.1e} at NFE {rk45['nfe']}" if "error" in rk45 else f"failed: {rk45['failed']}"
-        print(f"genvis rk45 (rtol=atol=1e-10, float32 model input, grid 999 -> -0.999): {outcome}")
+        print(f"genvis rk45 (rtol=atol=1e-10, float32 model input, 999 -> t_end -0.999): {outcome}")
     print(f"genvis samplers: {', '.join(names)}; skipped: " + (", ".join(f"{k} ({v})" for k, v in skipped.items()) or "none"))
     for mod, err in failed.items():
         print(f"could not import genvis.samplers.{mod}: {err}")

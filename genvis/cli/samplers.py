@@ -52,6 +52,8 @@ def describe() -> str:
         kind = "SDE" if meta["stochastic"] else "ODE"
         lines.append(f"  {name:<16} {kind}  {meta['summary']}")
         lines.append(f"  {'':<16}      steps: {meta['steps_doc']}")
+        if meta.get("discrete_grid"):
+            lines.append(f"  {'':<16}      grid 'default' on discrete schedules: {meta['discrete_grid']}")
         lines.append(f"  {'':<16}      options: {_fmt(sampler_options(fn))}")
     lines.append("  diffusers:<SchedulerClass>  any diffusers scheduler (e.g. diffusers:UniPCMultistepScheduler);")
     lines.append("                   option scheduler_kwargs passes constructor arguments")

@@ -47,7 +47,10 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
 def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:
     """The timestep grid for `steps` model evaluations of `sampler_fn` (named grids) or an explicit one."""
     if isinstance(grid, str):
-        return make_grid(grid, schedule, sampler_fn.sampler_meta["intervals"](steps), **(grid_options or {}))
+        meta = sampler_fn.sampler_meta
+        if grid == "default" and schedule.discrete and meta.get("discrete_grid"):
+            grid = meta["discrete_grid"]
+        return make_grid(grid, schedule, meta["intervals"](steps), **(grid_options or {}))
     if grid_options:
         raise ValueError("grid options apply to named grids only")
     return check_grid(grid, schedule)

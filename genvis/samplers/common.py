@@ -22,12 +22,16 @@ COMMON_ARGS = ("denoiser", "x", "grid", "cond", "generator", "callback", "progre
 
 
 def register_sampler(name: str, *, steps_doc: str = "model evaluations per sample", intervals: Callable[[int], int] = None,
-                     stochastic: bool = False, fn: Callable = None, summary: str = None, choices: Dict[str, tuple] = None):
+                     stochastic: bool = False, fn: Callable = None, summary: str = None, choices: Dict[str, tuple] = None,
+                     discrete_grid: str = None):
     """Register `fn` (or the decorated function) as sampler `name`.
 
     steps_doc: what `steps` means for it; intervals: steps -> grid intervals (identity by default);
     stochastic: whether it draws noise (uses `generator`); summary: one line for `genvis samplers`;
-    choices: option -> allowed values, checked by `sample()` before the first model call.
+    choices: option -> allowed values, checked by `sample()` before the first model call;
+    discrete_grid: what grid "default" means on a discrete schedule, where genvis's own default is
+    DiT's respacing (made for DDPM/DDIM; it ends with a long step from t = 111-ish to t = 0 that
+    multistep extrapolation handles badly).
     """
 
     def decorator(f):
@@ -38,6 +42,7 @@ def register_sampler(name: str, *, steps_doc: str = "model evaluations per sampl
             "stochastic": stochastic,
             "summary": summary or (inspect.getdoc(f) or "").split("\n")[0],
             "choices": dict(choices or {}),
+            "discrete_grid": discrete_grid,
         }
         # one function under several names (or a partial): give each name its own metadata holder
         wrapped = functools.partial(f) if hasattr(f, "sampler_meta") else f
@@ -74,7 +79,6 @@ class GridTable:
     """alpha, sigma, lambda = log(alpha / sigma) at every grid point, float64 Python floats.
 
     lambda is -inf where alpha = 0 (flow's noise end) and +inf at the data end (sigma = 0).
-    `ratio(i, j)` is exp(lambda_i - lambda_j) computed without infinities where possible.
     """
 
     def __init__(self, schedule, grid: torch.Tensor):

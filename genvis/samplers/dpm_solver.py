@@ -135,13 +135,13 @@ def sample_dpmpp_multistep(denoiser: Denoiser, x, grid, *, cond=None, generator=
                           sde=False, generator=None, desc=f"dpmpp-{order}m")
 
 
-register_sampler("dpmpp-2m", fn=functools.partial(sample_dpmpp_multistep, order=2),
+register_sampler("dpmpp-2m", fn=functools.partial(sample_dpmpp_multistep, order=2), discrete_grid="logsnr", choices={"order": (1, 2, 3)},
                  summary="DPM-Solver++(2M): second-order multistep exponential integrator (order 1..3 via order=)")
-register_sampler("dpmpp-3m", fn=functools.partial(sample_dpmpp_multistep, order=3),
+register_sampler("dpmpp-3m", fn=functools.partial(sample_dpmpp_multistep, order=3), discrete_grid="logsnr", choices={"order": (1, 2, 3)},
                  summary="DPM-Solver++(3M): third-order multistep exponential integrator (full h^2 D'' term, see module doc)")
 
 
-@register_sampler("dpmpp-2m-sde", stochastic=True)
+@register_sampler("dpmpp-2m-sde", stochastic=True, discrete_grid="logsnr")
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                         lower_order_final=True):
@@ -196,7 +196,7 @@ def _singlestep_update(tab: GridTable, i: int, x_start: torch.Tensor, outs: List
     return base + (a_s * (phi / h + 1.0)) * dd
 
 
-@register_sampler("dpm-singlestep")
+@register_sampler("dpm-singlestep", discrete_grid="logsnr", choices={"order": (1, 2, 3)})
 @torch.no_grad()
 def sample_dpm_singlestep(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                           order=2):

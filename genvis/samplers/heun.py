@@ -35,7 +35,8 @@ def ode_slope(schedule, pred: Prediction) -> torch.Tensor:
 @register_sampler(
     "heun",
     intervals=lambda steps: max(1, (steps + 1) // 2),
-    steps_doc=("steps = model evaluations; the grid gets (steps+1)//2 intervals "
+    discrete_grid="trailing",
+    steps_doc=("model evaluations per sample; the grid gets (steps+1)//2 intervals "
                "(2 evaluations per interval, 1 on the last)"),
 )
 @torch.no_grad()

@@ -7,8 +7,10 @@ The ODE is integrated in the flow-equivalent variables, smooth and bounded for e
     d xhat / d tau = eps - x0,
 
 and tau maps back to schedule time through lambda = log(alpha / sigma) = log((1 - tau) / tau), t = t_of_log_snr(lambda).
-The solver runs from grid[0] to grid[-2], the last evaluation time (the grid's other points are ignored),
-then jumps to the data end with the x0 prediction there, which the last stage already evaluated (FSAL).
+The solver runs from grid[0] to `t_end` (default: the schedule's t_min, e.g. step 0 of a discrete
+schedule, the last time such a model was trained on; the grid's other points are ignored), then jumps
+to the data end with the x0 prediction there, which the last stage already evaluated (FSAL). For a
+reference solution of an analytic model pass a t_end close to the data end.
 
 Step control as scipy: the error estimate e = h sum_i E_i k_i of the embedded 4th-order solution is measured
 by the RMS over all elements of the batch of e / (atol + rtol max(|xhat|, |xhat_new|)); a step is accepted
@@ -57,10 +59,11 @@ def rms(v: torch.Tensor) -> float:
     return float(v.pow(2).mean().sqrt())
 
 
-@register_sampler("rk45", steps_doc="steps is ignored except to build the grid; accuracy is set by rtol/atol")
+@register_sampler("rk45", steps_doc="ignored (adaptive: accuracy is set by rtol/atol; the grid gives the start time only)",
+                  intervals=lambda steps: 1, discrete_grid="trailing")
 @torch.no_grad()
 def sample_rk45(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
-                rtol=1e-5, atol=1e-5, max_steps=1000):
+                rtol=1e-5, atol=1e-5, max_steps=1000, t_end=None):
     """Adaptive Dormand-Prince 5(4) on the PF-ODE in flow-equivalent time; the callback reports "nfe"."""
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
@@ -68,7 +71,10 @@ def sample_rk45(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callb
     schedule = denoiser.schedule
     nfe = 0
 
-    t_start, t_end = float(grid[0]), float(grid[-2])
+    t_start = float(grid[0])
+    t_end = float(schedule.t_min if t_end is None else t_end)
+    if not schedule.data_end < t_end < t_start:
+        raise ValueError(f"rk45: t_end={t_end:g} must lie between the data end {schedule.data_end:g} and the start {t_start:g}")
     tau_start, tau_end = flow_time(schedule, t_start), flow_time(schedule, t_end)
 
     def time_of(tau_):

@@ -68,7 +68,7 @@ def _unipc_update(tab: GridTable, i: int, x: torch.Tensor, outs: List[torch.Tens
     return x_s - (a_s * b_h) * sum(rho * d for rho, d in zip(rhos, diffs))
 
 
-@register_sampler("unipc")
+@register_sampler("unipc", discrete_grid="logsnr", choices={"variant": ("bh1", "bh2"), "order": (1, 2, 3)})
 @torch.no_grad()
 def sample_unipc(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                  variant="bh2", order=2, lower_order_final=True):

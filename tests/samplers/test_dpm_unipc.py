@@ -277,11 +277,11 @@ def test_every_sampler_is_close_to_exact_at_20_steps(schedule_name, prediction):
 
 
 @pytest.mark.parametrize("sampler,options,match", [
-    ("dpmpp-2m", {"order": 4}, "order must be one of 1, 2, 3, got 4"),
-    ("dpmpp-3m", {"order": 0}, "order must be one of 1, 2, 3, got 0"),
-    ("dpm-singlestep", {"order": "2"}, "order must be one of 1, 2, 3, got '2'"),
-    ("unipc", {"order": 4}, "order must be one of 1, 2, 3, got 4"),
-    ("unipc", {"variant": "bh3"}, "variant must be one of bh1, bh2, got 'bh3'"),
+    ("dpmpp-2m", {"order": 4}, "option order=4; expected one of: 1, 2, 3"),
+    ("dpmpp-3m", {"order": 0}, "option order=0; expected one of: 1, 2, 3"),
+    ("dpm-singlestep", {"order": "2"}, "option order='2'; expected one of: 1, 2, 3"),
+    ("unipc", {"order": 4}, "option order=4; expected one of: 1, 2, 3"),
+    ("unipc", {"variant": "bh3"}, "option variant='bh3'; expected one of: bh1, bh2"),
 ])
 def test_bad_options_name_the_value_and_the_choices(sampler, options, match):
     with pytest.raises(ValueError, match=match):

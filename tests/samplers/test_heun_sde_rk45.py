@@ -161,7 +161,7 @@ def test_rk45_matches_closed_form_and_counts_evaluations(schedule_name, predicti
     for tol in (1e-9, 1e-4):
         model, reports = counted(gaussian_model(schedule, prediction)), []
         out = sample(model, x_T.clone(), sampler="rk45", steps=10, schedule=schedule, prediction=prediction, grid=grid,
-                     rtol=tol, atol=tol, callback=reports.append)
+                     rtol=tol, atol=tol, t_end=t1, callback=reports.append)
         assert reports[-1]["nfe"] == model.calls
         nfe[tol] = model.calls
         if tol == 1e-9:
