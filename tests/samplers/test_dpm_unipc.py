@@ -12,39 +12,16 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler
 
-from genvis.diffusion.predictions import target
 from genvis.diffusion.schedules import make_schedule
 from genvis.samplers import make_grid, sample
 from genvis.samplers.common import GridTable
 from genvis.samplers.dpm_solver import _multistep_update, singlestep_orders
 
-M, S = 0.3, 0.5
+from gaussian_data import M, S, exact_model, exact_x0_at
+
 LINEAR = make_schedule("linear")
 SHAPE = (3, 2, 4, 4)
 DIFFUSERS = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-def exact_model(schedule, prediction):
-    """The exact network output of type `prediction` for N(M, S^2) data, t in schedule units."""
-
-    def fn(x, t, **_):
-        alpha, sigma = (v.float().view(-1, 1) for v in schedule.alpha_sigma(t.double()))
-        x0 = M + alpha * S**2 * (x - alpha * M) / (alpha**2 * S**2 + sigma**2)
-        eps = (x - alpha * x0) / sigma
-        if prediction == "velocity":
-            da, ds = (v.float().view(-1, 1) for v in schedule.alpha_sigma_derivatives(t.double()))
-            return target(prediction, x0, eps, alpha, sigma, da, ds)
-        return target(prediction, x0, eps, alpha, sigma)
-
-    return fn
-
-
-def exact_x0_at(schedule, x_T, t_T: float, t: float):
-    """D(exact PF-ODE solution at t, t) for the trajectory through x_T at t_T (float64)."""
-    a_T, s_T = (float(v) for v in schedule.alpha_sigma(torch.tensor(t_T, dtype=torch.float64)))
-    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
-    z = (x_T.double() - a_T * M) / math.sqrt(a_T**2 * S**2 + s_T**2)
-    return M + a * S**2 * z / math.sqrt(a**2 * S**2 + s**2)
 
 
 def fake_eps(x, t):

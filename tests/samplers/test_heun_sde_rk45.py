@@ -12,43 +12,14 @@ import pytest
 import torch
 from diffusers import FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler
 
-from genvis.diffusion.predictions import target
 from genvis.diffusion.schedules import make_schedule
 from genvis.samplers import make_grid, sample
 from genvis.samplers.sde import DIFFUSION_FORMS
 
-M, S = 0.3, 0.5
+from gaussian_data import M, S, exact_denoiser, exact_model, exact_ode
+
 SHAPE = (3, 2, 4, 4)
 W = torch.linspace(-0.5, 0.5, SHAPE[1]).view(1, -1, 1, 1)
-
-
-def gaussian_model(schedule, prediction):
-    """The exact network output of type `prediction` for N(M, S^2) data; t in schedule units."""
-
-    def fn(x, t, **_):
-        view = (-1,) + (1,) * (x.ndim - 1)
-        alpha, sigma = (v.float().view(view) for v in schedule.alpha_sigma(t.double()))
-        x0 = M + alpha * S**2 * (x - alpha * M) / (alpha**2 * S**2 + sigma**2)
-        eps = (x - alpha * x0) / sigma
-        if prediction == "velocity":
-            da, ds = (v.float().view(view) for v in schedule.alpha_sigma_derivatives(t.double()))
-            return target(prediction, x0, eps, alpha, sigma, da, ds)
-        return target(prediction, x0, eps, alpha, sigma)
-
-    return fn
-
-
-def exact_ode(schedule, x_T, t_T: float, t: float):
-    """The PF-ODE solution at t from x_T at t_T (float64)."""
-    a_T, s_T = (float(v) for v in schedule.alpha_sigma(torch.tensor(t_T)))
-    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t)))
-    xi = (x_T - a_T * M) / math.sqrt(a_T**2 * S**2 + s_T**2)
-    return a * M + math.sqrt(a**2 * S**2 + s**2) * xi
-
-
-def exact_denoiser(schedule, x, t: float):
-    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t)))
-    return M + a * S**2 * (x - a * M) / (a**2 * S**2 + s**2)
 
 
 def counted(fn):
@@ -102,7 +73,7 @@ def test_heun_matches_diffusers_heun_discrete(spacing, n):
 def test_heun_matches_diffusers_flow_match_heun():
     n = 10
     schedule = make_schedule("flow")
-    exact = gaussian_model(schedule, "velocity")
+    exact = exact_model(schedule, "velocity")
 
     def velocity(x, t):  # t in [0, 1] (diffusers' sigma): the Gaussian velocity eps - x0 plus a perturbation
         return exact(x, t) + 0.1 * torch.tanh(x * (0.8 + W) + t.float().view(-1, 1, 1, 1))
@@ -122,7 +93,7 @@ def test_heun_matches_diffusers_flow_match_heun():
 
 @pytest.mark.parametrize("steps,calls", [(1, 1), (2, 1), (7, 7), (8, 7)])
 def test_heun_steps_are_model_evaluations(steps, calls):
-    model = counted(gaussian_model(make_schedule("flow"), "velocity"))
+    model = counted(exact_model(make_schedule("flow"), "velocity"))
     sample(model, torch.randn(2, 3), sampler="heun", steps=steps, schedule="flow", prediction="velocity")
     assert model.calls == calls
 
@@ -135,7 +106,7 @@ def test_heun_converges_second_order(schedule_name, prediction):
     for intervals in (10, 20, 40):
         grid = make_grid("default", schedule, intervals)
         states = []
-        sample(gaussian_model(schedule, prediction), x_T.clone(), sampler="heun", steps=2 * intervals - 1,
+        sample(exact_model(schedule, prediction), x_T.clone(), sampler="heun", steps=2 * intervals - 1,
                schedule=schedule, prediction=prediction, grid=grid, callback=states.append)
         t1 = float(grid[-2])
         x_T_scaled = x_T.double() * schedule.prior_std(float(grid[0]))
@@ -159,7 +130,7 @@ def test_rk45_matches_closed_form_and_counts_evaluations(schedule_name, predicti
     ref = exact_denoiser(schedule, exact_ode(schedule, x_T.double() * schedule.prior_std(t_T), t_T, t1), t1)
     nfe = {}
     for tol in (1e-9, 1e-4):
-        model, reports = counted(gaussian_model(schedule, prediction)), []
+        model, reports = counted(exact_model(schedule, prediction)), []
         out = sample(model, x_T.clone(), sampler="rk45", steps=10, schedule=schedule, prediction=prediction, grid=grid,
                      rtol=tol, atol=tol, t_end=t1, callback=reports.append)
         assert reports[-1]["nfe"] == model.calls
@@ -174,7 +145,7 @@ def test_rk45_matches_closed_form_and_counts_evaluations(schedule_name, predicti
 def test_rk45_max_steps():
     schedule = make_schedule("flow")
     with pytest.raises(RuntimeError, match="max_steps"):
-        sample(gaussian_model(schedule, "velocity"), torch.randn(8, 2), sampler="rk45", steps=10, schedule=schedule,
+        sample(exact_model(schedule, "velocity"), torch.randn(8, 2), sampler="rk45", steps=10, schedule=schedule,
                prediction="velocity", rtol=1e-12, atol=1e-12, max_steps=3)
 
 
@@ -194,7 +165,7 @@ def test_euler_maruyama_samples_gaussian_data(schedule_name, prediction, form):
     schedule = make_schedule(schedule_name)
     n = 2**16
     noise = torch.randn(n // 64, 64, generator=torch.Generator().manual_seed(0))
-    out = sample(gaussian_model(schedule, prediction), noise, sampler="euler-maruyama", steps=200, schedule=schedule,
+    out = sample(exact_model(schedule, prediction), noise, sampler="euler-maruyama", steps=200, schedule=schedule,
                  prediction=prediction, grid=sde_grid(schedule_name, form, 200), diffusion=form,
                  generator=torch.Generator().manual_seed(1))
     se_mean, se_std = S / math.sqrt(n), S / math.sqrt(2 * n)
@@ -233,7 +204,7 @@ SIT_FORMS = {  # SiT transport/path.py compute_diffusion, in SiT time s, with no
 def test_euler_maruyama_matches_sit_on_flow(form, norm):
     steps = 40
     schedule = make_schedule("flow")
-    u = gaussian_model(schedule, "velocity")  # genvis velocity dx/dt = eps - x0, t = 1 - s
+    u = exact_model(schedule, "velocity")  # genvis velocity dx/dt = eps - x0, t = 1 - s
     grid = sde_grid("flow", form, steps)
     grid = make_grid("default", schedule, steps) if isinstance(grid, str) else grid
     noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
@@ -255,7 +226,7 @@ def test_euler_maruyama_weak_first_order(form):
     noise = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (25, 100):
-        out = sample(gaussian_model(schedule, "velocity"), noise, sampler="euler-maruyama", steps=steps,
+        out = sample(exact_model(schedule, "velocity"), noise, sampler="euler-maruyama", steps=steps,
                      schedule=schedule, prediction="velocity", diffusion=form,
                      generator=torch.Generator().manual_seed(1))
         errors.append(abs(out.std().item() - S))
@@ -266,7 +237,7 @@ def test_euler_maruyama_weak_first_order(form):
 
 def test_euler_maruyama_per_sample_generators_make_samples_batch_independent():
     schedule = make_schedule("flow")
-    fn = gaussian_model(schedule, "velocity")
+    fn = exact_model(schedule, "velocity")
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(6)]
     noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     full = sample(fn, noise, sampler="euler-maruyama", steps=20, schedule=schedule, prediction="velocity",
@@ -281,7 +252,7 @@ def test_euler_maruyama_per_sample_generators_make_samples_batch_independent():
 
 def test_euler_maruyama_rejects_bad_options():
     schedule = make_schedule("flow")
-    fn = gaussian_model(schedule, "velocity")
+    fn = exact_model(schedule, "velocity")
     with pytest.raises(ValueError, match="SBDM"):  # infinite diffusion where alpha = 0
         sample(fn, torch.randn(2, 2), sampler="euler-maruyama", steps=5, schedule=schedule, prediction="velocity",
                diffusion="SBDM")

@@ -8,33 +8,11 @@ import math
 import pytest
 import torch
 
-from genvis.diffusion.predictions import target
 from genvis.diffusion.schedules import DiscreteVPSchedule, FlowSchedule, linear_betas, make_schedule
 from genvis.samplers import get_sampler, make_grid, sample
 from genvis.samplers.grids import space_timesteps
 
-M, S = 0.3, 0.5
-
-
-def exact_model(schedule, prediction):
-    """The exact network output of type `prediction` for N(M, S^2) data, t in schedule units."""
-
-    def fn(x, t, **_):
-        alpha, sigma = (v.float().view(-1, 1) for v in schedule.alpha_sigma(t.double()))
-        x0 = M + alpha * S**2 * (x - alpha * M) / (alpha**2 * S**2 + sigma**2)
-        eps = (x - alpha * x0) / sigma
-        if prediction == "velocity":
-            da, ds = (v.float().view(-1, 1) for v in schedule.alpha_sigma_derivatives(t.double()))
-            return target(prediction, x0, eps, alpha, sigma, da, ds)
-        return target(prediction, x0, eps, alpha, sigma)
-
-    return fn
-
-
-def exact_solution(schedule, x_T, t_T):
-    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(t_T)))
-    return M + S * (x_T - alpha * M) / math.sqrt(alpha**2 * S**2 + sigma**2)
-
+from gaussian_data import M, S, exact_model, exact_solution
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
 @pytest.mark.parametrize("schedule_name,prediction", [("linear", "eps"), ("linear", "v"), ("flow", "velocity")])

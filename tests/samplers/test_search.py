@@ -4,37 +4,18 @@ for x0 ~ N(M, S^2), E[x0 | x_t] = M + alpha S^2 (x_t - alpha M) / (alpha^2 S^2 +
 PF-ODE maps x_T to M + S (x_T - alpha_T M) / sqrt(alpha_T^2 S^2 + sigma_T^2).
 """
 import json
-import math
 
 import pytest
 import torch
 
-from genvis.diffusion.predictions import target
 from genvis.diffusion.schedules import make_schedule
 from genvis.samplers import make_grid, sample
 from genvis.samplers.grids import check_grid
 from genvis.samplers.search import reference_error_score, save_grid_json, search_grid
 
-M, S = 0.3, 0.5
+from gaussian_data import exact_model, exact_solution
+
 NAMED = ("default", "logsnr", "karras", "uniform")
-
-
-def exact_model(schedule, prediction):
-    def fn(x, t, **_):
-        alpha, sigma = (v.float().view(-1, 1) for v in schedule.alpha_sigma(t.double()))
-        x0 = M + alpha * S**2 * (x - alpha * M) / (alpha**2 * S**2 + sigma**2)
-        eps = (x - alpha * x0) / sigma
-        if prediction == "velocity":
-            da, ds = (v.float().view(-1, 1) for v in schedule.alpha_sigma_derivatives(t.double()))
-            return target(prediction, x0, eps, alpha, sigma, da, ds)
-        return target(prediction, x0, eps, alpha, sigma)
-
-    return fn
-
-
-def exact_solution(schedule, x_T):
-    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(schedule.noise_end)))
-    return M + S * (x_T.double() - alpha * M) / math.sqrt(alpha**2 * S**2 + sigma**2)
 
 
 class Recording:
