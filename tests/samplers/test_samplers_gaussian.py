@@ -95,3 +95,16 @@ def test_dit_respacing_and_grids():
 def test_unknown_sampler_names_choices():
     with pytest.raises(ValueError, match="ddim"):
         get_sampler("dpm-nope")
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "vp-linear", "cosine", "edm"])
+def test_every_prediction_type_gives_the_same_samples(schedule_name):
+    """The exact network in each prediction type (eps, x0, v, velocity, score) is one denoiser."""
+    schedule = make_schedule(schedule_name)
+    x_T = torch.randn(256, 1, generator=torch.Generator().manual_seed(4))
+    outs = {p: sample(exact_model(schedule, p), x_T, sampler="dpmpp-2m", steps=10, schedule=schedule, prediction=p,
+                      grid="logsnr")
+            for p in ("eps", "x0", "v", "velocity", "score")}
+    for p, out in outs.items():
+        assert torch.allclose(out, outs["x0"], atol=2e-4), (p, (out - outs["x0"]).abs().max())
+    assert (outs["x0"] - exact_solution(schedule, x_T.double() * schedule.prior_std(schedule.noise_end))).abs().max() < 0.1
