@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/dit_speed.py
+	$(PY) benchmarks/sampler_error.py
 
 clean:
 	rm -rf $(DEMO_RUN)
