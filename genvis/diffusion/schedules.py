@@ -285,4 +285,4 @@ def make_schedule(name: str, num_timesteps: int = 1000, beta_start: float = 1e-4
 def schedule_for_model(model) -> Schedule:
     """The schedule a genvis generator declares in its config."""
     c = model.config
-    return make_schedule(c.schedule, c.num_train_timesteps, c.beta_start, c.beta_end, shift=getattr(c, "flow_shift", 1.0) or 1.0)
+    return make_schedule(c.schedule, c.num_train_timesteps, c.beta_start, c.beta_end, shift=c.flow_shift)

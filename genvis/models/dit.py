@@ -91,6 +91,8 @@ class DiT(ModelMixin, ConfigMixin):
         schedule: the noise schedule the model was trained on: "linear" (discrete VP, t in 0..999 with
             t=999 noise) or "flow" (rectified flow, t in [0, 1] with t=1 noise). Default linear.
         num_train_timesteps, beta_start, beta_end: the discrete VP schedule (DiT: 1000, 1e-4, 0.02).
+        flow_shift: for schedule "flow", the resolution shift of the default sampling grid
+            (t' = s t / (1 + (s - 1) t); SD3 uses s = sqrt(tokens / base tokens)). Default 1 (none).
         tokenizer: the space the model works in: "pixels" or "sd-vae" (SD-VAE latents times latent_scale).
         latent_scale: factor applied to tokenizer latents before the model sees them (DiT: 0.18215).
     """
@@ -113,6 +115,7 @@ class DiT(ModelMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        flow_shift: float = 1.0,
         tokenizer: str = "pixels",
         latent_scale: float = 1.0,
     ):

@@ -6,7 +6,7 @@ was trained on:
     discrete VP (DiT "linear", ...)  trained_betas = schedule.betas, num_train_timesteps = len(betas);
                                      diffusers timestep t is genvis time t (fractional for Karras-type
                                      sigmas, which genvis interpolates in log(alpha_bar))
-    rectified flow                   FlowMatch* classes with shift = 1, or use_flow_sigmas = True with
+    rectified flow                   FlowMatch* classes with the schedule's shift, or use_flow_sigmas = True with
                                      prediction_type "flow_prediction" where the class has it;
                                      genvis time = timestep / num_train_timesteps = sigma
     anything else                    ValueError
@@ -88,9 +88,9 @@ def build_scheduler(cls: type, schedule, scheduler_kwargs: dict = None):
     elif schedule.is_flow:
         fixed = {}
         if name.startswith("FlowMatch"):
-            defaults = {"shift": 1.0}
+            defaults = {"shift": schedule.shift}
         elif "use_flow_sigmas" in params and "prediction_type" in params:
-            defaults = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 1.0}
+            defaults = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": schedule.shift}
         else:
             raise ValueError(f"{name} has no flow-matching mode (use a FlowMatch* scheduler or one with use_flow_sigmas) "
                              f"for the schedule {schedule.name!r}")

@@ -120,3 +120,15 @@ def test_explicit_json_and_bad_grids(tmp_path):
         make_grid(str(path), make_schedule("flow"), 2)
     with pytest.raises(ValueError, match="discrete schedules only"):
         make_grid("leading", make_schedule("flow"), 5)
+
+
+def test_model_flow_shift_reaches_the_default_grid_once():
+    from genvis.diffusion.schedules import schedule_for_model
+    from genvis.models.dit import DiT
+
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                schedule="flow", prediction_type="velocity", learn_sigma=False, flow_shift=3.0)
+    schedule = schedule_for_model(model)
+    u = torch.linspace(1, 0, 5, dtype=torch.float64)
+    assert torch.allclose(make_grid("default", schedule, 4), 3 * u / (1 + 2 * u))
+    assert torch.equal(schedule.alpha_sigma(torch.tensor(0.25, dtype=torch.float64))[1], torch.tensor(0.25, dtype=torch.float64))
