@@ -49,6 +49,7 @@ class DiffusionConfig:
     time_sampling: str = "uniform"  # uniform | logit_normal (flow)
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    flow_shift: float = 1.0  # flow: resolution shift of the model's default sampling grid
 
 
 @dataclass
@@ -150,6 +151,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("diffusion.schedule", cfg.diffusion.schedule, ["linear", "flow"])
     _choice("diffusion.time_sampling", cfg.diffusion.time_sampling, ["uniform", "logit_normal"])
     _choice("train.mixed_precision", cfg.train.mixed_precision, ["auto", "fp32", "bf16", "fp16"])
+    if cfg.diffusion.flow_shift <= 0:
+        raise ConfigError(f"key 'diffusion.flow_shift': must be > 0, got {cfg.diffusion.flow_shift}")
     if (cfg.diffusion.objective == "flow") != (cfg.diffusion.schedule == "flow"):
         raise ConfigError("key 'diffusion.schedule': objective 'flow' needs schedule 'flow' and the other objectives a VP schedule")
     if cfg.data.name == "folder" and not cfg.data.path:

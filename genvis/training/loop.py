@@ -108,6 +108,7 @@ def build_generator(cfg: RunConfig, num_classes: int):
         num_train_timesteps=d.num_timesteps,
         beta_start=d.beta_start,
         beta_end=d.beta_end,
+        flow_shift=d.flow_shift,
         tokenizer="pixels",
     )
 
