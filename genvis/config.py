@@ -138,6 +138,14 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that types alone cannot express."""
     from genvis.models.dit import DIT_SIZES
@@ -174,7 +182,8 @@ def validate(cfg: RunConfig) -> None:
         get_sampler(cfg.sample.sampler)
     except ValueError as err:
         raise ConfigError(f"key 'sample.sampler': {err}") from None
-    if cfg.sample.grid not in GRIDS and not cfg.sample.grid.endswith(".json") and "," not in cfg.sample.grid:
+    explicit = all(_is_number(v) for v in cfg.sample.grid.split(","))
+    if cfg.sample.grid not in GRIDS and not cfg.sample.grid.endswith(".json") and not explicit:
         raise ConfigError(f"key 'sample.grid': unknown grid {cfg.sample.grid!r}; expected one of: {', '.join(GRIDS)}, "
                           "a .json file or t1,t2,...")
 

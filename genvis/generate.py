@@ -83,11 +83,8 @@ def generate(
     check_options(sampler, fn, sampler_options)
     timesteps = resolve_grid(grid, schedule, fn, steps, grid_options)
     guidance = CFG(cfg, interval=cfg_interval, schedule=cfg_schedule, channels=cfg_channels)
-    network = accelerated(model, timesteps, stitch_small, stitch_fraction, cache_refresh, cache_keep_blocks)
-
-    def call(x, t, y):
-        with autocast(device, precision):
-            return network(x, t, y).float()
+    if stitch_small is not None:
+        check_stitch(model, stitch_small)
 
     shape = (c.in_channels, c.input_size, c.input_size)
     out = []
@@ -100,6 +97,13 @@ def generate(
         y = labels[start : start + batch_size].to(device)
         gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
         x = randn_like(torch.empty(len(y), *shape), gens).to(device)
+        # a fresh wrapper per batch: a step cache must not carry a residual from the previous batch
+        network = accelerated(model, timesteps, stitch_small, stitch_fraction, cache_refresh, cache_keep_blocks)
+
+        def call(x, t, y):
+            with autocast(device, precision):
+                return network(x, t, y).float()
+
         x0 = sample(call, x, sampler=sampler, steps=steps, schedule=schedule, prediction=c.prediction_type, grid=timesteps,
                     cfg=guidance, null_label=model.null_class, learn_sigma=c.learn_sigma, cond={"y": y}, generator=gens,
                     **sampler_options)
@@ -109,9 +113,22 @@ def generate(
     return torch.cat(out)
 
 
+STITCH_SHARED = ("in_channels", "input_size", "prediction_type", "schedule", "learn_sigma", "num_classes",
+                 "num_train_timesteps", "beta_start", "beta_end", "flow_shift", "tokenizer", "latent_scale")
+
+
+def check_stitch(model, small) -> None:
+    """T-Stitch needs two models of one latent space, schedule and prediction type."""
+    for key in STITCH_SHARED:
+        if getattr(small.config, key) != getattr(model.config, key):
+            raise GenvisError(f"T-Stitch: the small model's {key} is {getattr(small.config, key)!r}, "
+                              f"the large model's {getattr(model.config, key)!r}; both must share it")
+
+
 def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, cache_refresh: int = 1,
                 cache_keep_blocks: int = 2) -> Callable:
-    """The network call with T-Stitch and/or DiT step caching applied (the plain model without either)."""
+    """The network call with T-Stitch and/or DiT step caching applied (the plain model without either);
+    build one per sampling run (a step cache holds state)."""
     from genvis.samplers.accel import DiTStepCache, tstitch
 
     def cached(m):
@@ -119,10 +136,6 @@ def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, ca
 
     if stitch_small is None:
         return cached(model)
-    for key in ("in_channels", "input_size", "prediction_type", "schedule", "learn_sigma", "num_classes"):
-        if getattr(stitch_small.config, key) != getattr(model.config, key):
-            raise GenvisError(f"T-Stitch: the small model's {key} is {getattr(stitch_small.config, key)!r}, "
-                              f"the large model's {getattr(model.config, key)!r}; both must share it")
     return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
 
 

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Dict, List, Optional
 
 
 def parse_value(text: str):
-    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, 'none' -> None, anything else stays a string."""
+    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, 'none' -> None, '{...}' / '[...]' -> JSON
+    (e.g. scheduler_kwargs={"solver_order": 3}), anything else stays a string."""
     low = text.strip().lower()
+    if low[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: not valid JSON ({err})") from None
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):

@@ -98,8 +98,9 @@ def run(args) -> int:
     except (ValueError, argparse.ArgumentTypeError) as err:
         raise GenvisError(str(err)) from None
     model = load_model(args.model, device=args.device)
-    if args.cache_refresh > 1 and not 0 <= args.cache_keep_blocks <= model.config.depth:
-        raise GenvisError(f"--cache-keep-blocks {args.cache_keep_blocks}: expected 0..{model.config.depth} (the model's depth)")
+    if args.cache_refresh > 1 and not 0 <= args.cache_keep_blocks < model.config.depth:
+        raise GenvisError(f"--cache-keep-blocks {args.cache_keep_blocks}: expected 0..{model.config.depth - 1} "
+                          f"(fewer than the model's {model.config.depth} blocks)")
     small = load_model(args.stitch_small, device=args.device) if args.stitch_small else None
     labels = class_labels(num, model.num_classes, args.classes)
     tokenizer = tokenizer_for_model(model, args.vae, device=args.device)
@@ -111,7 +112,7 @@ def run(args) -> int:
             stitch_small=small, stitch_fraction=args.stitch_fraction, cache_refresh=args.cache_refresh,
             cache_keep_blocks=args.cache_keep_blocks, progress=True, **options,
         )
-    except ValueError as err:  # grids and option values are checked before the first model call
+    except ValueError as err:  # a value the samplers reject (names, grids and option types are checked above)
         raise GenvisError(str(err)) from None
     nrow = model.num_classes if args.classes is None and num >= model.num_classes else None
     kind = save_samples(to_uint8(images), np.asarray(labels), args.out, nrow=nrow)

@@ -1,6 +1,7 @@
 """genvis samplers: the samplers, timestep grids, schedules and guidance options, with their options."""
 from __future__ import annotations
 
+import argparse
 import inspect
 
 
@@ -56,7 +57,7 @@ def describe() -> str:
             lines.append(f"  {'':<16}      grid 'default' on discrete schedules: {meta['discrete_grid']}")
         lines.append(f"  {'':<16}      options: {_fmt(sampler_options(fn))}")
     lines.append("  diffusers:<SchedulerClass>  any diffusers scheduler (e.g. diffusers:UniPCMultistepScheduler);")
-    lines.append("                   option scheduler_kwargs passes constructor arguments")
+    lines.append("                   options scheduler_kwargs / step_kwargs as JSON, e.g. --option 'scheduler_kwargs={\"solver_order\": 3}'")
     lines.append("")
     lines.append("grids (--grid NAME | FILE.json | t1,t2,...; options as --grid-option KEY=VALUE):")
     for name, fn in GRIDS.items():
@@ -95,7 +96,7 @@ def run_search(args) -> int:
         options = parse_pairs(args.option, "--option")
         fn = get_sampler(args.sampler)
         check_options(args.sampler, fn, options)
-    except ValueError as err:
+    except (ValueError, argparse.ArgumentTypeError) as err:
         raise GenvisError(str(err)) from None
     if fn.sampler_meta["stochastic"] and args.metric == "reference":
         raise GenvisError(f"--sampler {args.sampler}: the reference metric needs a deterministic (ODE) sampler")

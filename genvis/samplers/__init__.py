@@ -17,7 +17,7 @@ from genvis.diffusion.predictions import Denoiser
 from genvis.diffusion.schedules import Schedule, make_schedule
 from genvis.registry import SAMPLERS
 from genvis.samplers import ddim, ddpm, dpm_solver, euler, heun, rk45, sde, unipc  # noqa: F401  (register the solvers)
-from genvis.samplers.common import sampler_options
+from genvis.samplers.common import check_option_types, sampler_options
 from genvis.samplers.grids import GRIDS, check_grid, make_grid
 from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
 
@@ -39,9 +39,17 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"sampler {name!r}: unknown option(s) {', '.join(unknown)}; it takes: {', '.join(valid) or 'no options'}")
-    for key, allowed in getattr(fn, "sampler_meta", {}).get("choices", {}).items():
+    check_option_types(f"sampler {name!r}", valid, options)
+    meta = getattr(fn, "sampler_meta", {})
+    for key, allowed in meta.get("choices", {}).items():
         if key in options and options[key] not in allowed:
             raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected one of: {', '.join(map(str, allowed))}")
+    for key, low in meta.get("minimum", {}).items():
+        if key in options and options[key] < low:
+            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected >= {low}")
+    for key in meta.get("positive", ()):
+        if key in options and not options[key] > 0:
+            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected > 0")
 
 
 def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:

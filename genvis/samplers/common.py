@@ -23,12 +23,13 @@ COMMON_ARGS = ("denoiser", "x", "grid", "cond", "generator", "callback", "progre
 
 def register_sampler(name: str, *, steps_doc: str = "model evaluations per sample", intervals: Callable[[int], int] = None,
                      stochastic: bool = False, fn: Callable = None, summary: str = None, choices: Dict[str, tuple] = None,
-                     discrete_grid: str = None):
+                     discrete_grid: str = None, minimum: Dict[str, float] = None, positive: tuple = ()):
     """Register `fn` (or the decorated function) as sampler `name`.
 
     steps_doc: what `steps` means for it; intervals: steps -> grid intervals (identity by default);
     stochastic: whether it draws noise (uses `generator`); summary: one line for `genvis samplers`;
-    choices: option -> allowed values, checked by `sample()` before the first model call;
+    choices: option -> allowed values, minimum: option -> smallest allowed value, positive: options
+    that must be > 0; all three are checked by `sample()` before the first model call;
     discrete_grid: what grid "default" means on a discrete schedule, where genvis's own default is
     DiT's respacing (made for DDPM/DDIM; it ends with a long step from t = 111-ish to t = 0 that
     multistep extrapolation handles badly).
@@ -43,6 +44,8 @@ def register_sampler(name: str, *, steps_doc: str = "model evaluations per sampl
             "summary": summary or (inspect.getdoc(f) or "").split("\n")[0],
             "choices": dict(choices or {}),
             "discrete_grid": discrete_grid,
+            "minimum": dict(minimum or {}),
+            "positive": tuple(positive),
         }
         # one function under several names (or a partial): give each name its own metadata holder
         wrapped = functools.partial(f) if hasattr(f, "sampler_meta") else f
@@ -59,6 +62,25 @@ def sampler_options(fn: Callable) -> Dict[str, object]:
     return {k: p.default for k, p in sig.parameters.items() if k not in COMMON_ARGS and p.kind is not p.VAR_KEYWORD}
 
 
+def check_option_types(what: str, defaults: Dict[str, object], options: Dict[str, object]) -> None:
+    """Each option's value must have its default's type (an int is accepted for a float; a None default
+    takes any value, which the solver checks), so a typo fails before the first model call."""
+    for key, value in options.items():
+        default = defaults.get(key)
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                isinstance(value, int) or not isinstance(default, int))
+            expected = "an integer" if isinstance(default, int) else "a number"
+        else:
+            ok, expected = isinstance(value, type(default)), f"a {type(default).__name__}"
+        if not ok:
+            raise ValueError(f"{what}: option {key}={value!r}; expected {expected} (default {default!r})")
+
+
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     """Standard normal noise shaped like x. A list of generators gives sample i its own stream,
     so a sample's noise does not depend on which batch it is drawn in."""
@@ -66,7 +88,8 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
+    # drawn on each generator's own device (the per-sample streams are CPU generators), then moved
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in generator]).to(x.device)
 
 
 def steps_of(grid: torch.Tensor, progress: bool, desc: str):
@@ -88,7 +111,6 @@ class GridTable:
         self.alpha = alpha.tolist()
         self.sigma = sigma.tolist()
         self.lam = schedule.log_snr(g).tolist()
-        self.lam[-1] = float("inf") if self.sigma[-1] == 0 else self.lam[-1]
 
     def __len__(self) -> int:
         return len(self.t)

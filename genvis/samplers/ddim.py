@@ -7,7 +7,8 @@ from genvis.diffusion.predictions import Denoiser
 from genvis.samplers.common import register_sampler, randn_like, steps_of
 
 
-@register_sampler("ddim", summary="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like noise")
+@register_sampler("ddim", summary="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like noise",
+                  minimum={"eta": 0.0})
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False, eta=0.0):
     """x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, with
@@ -15,6 +16,8 @@ def sample_ddim(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callb
 
     The previous step is the next grid point, not t - T // N (a diffusers bug on trailing grids).
     """
+    if eta < 0:
+        raise ValueError(f"ddim: eta must be >= 0, got {eta}")
     cond = cond or {}
     schedule = denoiser.schedule
     for i, t, s in steps_of(grid, progress, "ddim"):

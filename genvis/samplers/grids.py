@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from genvis.diffusion.schedules import DiscreteVPSchedule, Schedule, flow_shift
+from genvis.samplers.common import check_option_types
 
 
 def space_timesteps(num_timesteps: int, count: int) -> List[int]:
@@ -102,6 +103,8 @@ def grid_default(schedule: Schedule, steps: int) -> torch.Tensor:
     """Discrete VP: DiT's respacing; flow: uniform after the schedule's shift; EDM: Karras; else uniform."""
     if isinstance(schedule, DiscreteVPSchedule):
         s = _discrete(schedule, steps, "default")
+        if steps == 1:  # the respacing keeps only t = 0, which would evaluate pure noise as if nearly clean
+            return _close(s, [s.noise_end])
         return _close(s, space_timesteps(s.num_timesteps, steps)[::-1])
     if schedule.is_flow:
         return flow_shift(grid_uniform(schedule, steps), schedule.shift)
@@ -130,6 +133,8 @@ def grid_logsnr(schedule: Schedule, steps: int) -> torch.Tensor:
 
 def grid_karras(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. 2022: sigma / alpha uniform in its 1/rho power down to t_min."""
+    if not rho > 0:
+        raise ValueError(f"grid 'karras': rho must be > 0, got {rho}")
     head, lo, hi, n = _log_snr_range(schedule, steps)
     s_max, s_min = math.exp(-lo), math.exp(-hi)  # sigma / alpha
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(n, dtype=torch.float64)
@@ -141,16 +146,20 @@ def grid_shift(schedule: Schedule, steps: int, shift: Optional[float] = None) ->
     """Uniform flow-equivalent time tau, warped tau' = s tau / (1 + (s - 1) tau) (default s: the schedule's, else 3)."""
     if shift is None:
         shift = schedule.shift if schedule.is_flow and schedule.shift != 1.0 else 3.0
-    if shift <= 0:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0:
         raise ValueError(f"grid 'shift': shift must be > 0, got {shift}")
     if schedule.is_flow:
         return flow_shift(grid_uniform(schedule, steps), shift)
-    # the same warp on the flow-equivalent time tau = sigma / (alpha + sigma) = sigmoid(-lambda)
+    # the same warp on the flow-equivalent time tau = sigma / (alpha + sigma) = sigmoid(-lambda), normalised
+    # to u in [0, 1] over [tau(t_min), tau(noise_end)] so both ends stay where they are
     lam_end = schedule.log_snr(_f64([schedule.noise_end, schedule.t_min]))
     tau_hi, tau_lo = torch.sigmoid(-lam_end).tolist()
-    tau = flow_shift(torch.linspace(tau_hi, tau_lo, steps, dtype=torch.float64), shift) if steps > 1 else _f64([tau_hi])
+    u = flow_shift(torch.linspace(1, 0, steps, dtype=torch.float64), shift) if steps > 1 else _f64([1.0])
+    tau = tau_lo + u * (tau_hi - tau_lo)
     t = schedule.t_of_log_snr(torch.log1p(-tau) - torch.log(tau))
     t[0] = schedule.noise_end  # exact, not through the round trip
+    if steps > 1:
+        t[-1] = schedule.t_min
     return _close(schedule, t)
 
 
@@ -215,6 +224,8 @@ def make_grid(spec: GridSpec, schedule: Schedule, steps: int, **options) -> torc
         if unknown:
             raise ValueError(f"grid {spec!r}: unknown option(s) {', '.join(unknown)}; "
                              f"it takes: {', '.join(accepted) or 'no options'}")
+        check_option_types(f"grid {spec!r}", {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]},
+                           options)
         grid = fn(schedule, steps, **options)
         return check_grid(grid, schedule, f"grid {spec!r}")
     if options:

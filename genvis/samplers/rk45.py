@@ -60,7 +60,7 @@ def rms(v: torch.Tensor) -> float:
 
 
 @register_sampler("rk45", steps_doc="ignored (adaptive: accuracy is set by rtol/atol; the grid gives the start time only)",
-                  intervals=lambda steps: 1, discrete_grid="trailing")
+                  intervals=lambda steps: 1, discrete_grid="trailing", positive=("rtol", "atol", "max_steps"))
 @torch.no_grad()
 def sample_rk45(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                 rtol=1e-5, atol=1e-5, max_steps=1000, t_end=None):
@@ -117,7 +117,7 @@ def sample_rk45(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callb
     i, attempts, rejected = 0, 0, False
     while tau > tau_end:
         if attempts >= max_steps:
-            raise RuntimeError(f"rk45: no solution within max_steps={max_steps} steps at tau={tau:.3g}; "
+            raise ValueError(f"rk45: no solution within max_steps={max_steps} steps at tau={tau:.3g}; "
                                "loosen rtol/atol or raise max_steps")
         attempts += 1
         h = min(h, tau - tau_end)

@@ -67,7 +67,8 @@ def diffusion_coefficient(schedule, t: float, form: str = "sigma", norm: float =
     return 2 * rate / (schedule.noise_end - schedule.data_end)
 
 
-@register_sampler("euler-maruyama", stochastic=True)
+@register_sampler("euler-maruyama", stochastic=True, minimum={"diffusion_norm": 0.0},
+                  choices={"diffusion": DIFFUSION_FORMS, "last_step": LAST_STEPS})
 @torch.no_grad()
 def sample_euler_maruyama(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                           diffusion="sigma", diffusion_norm=1.0, last_step="tweedie"):

@@ -81,7 +81,13 @@ def test_image_matches_python_api(model_dir, tmp_path):
         (["--cfg", "2", "--cfg-interval", "0.1"], "T_LO,T_HI"),
         (["--cfg-schedule", "cosine"], "constant, linear"),
         (["--option", "order"], "KEY=VALUE"),
-        (["--cache-refresh", "2", "--cache-keep-blocks", "5"], "--cache-keep-blocks 5"),
+        (["--cache-refresh", "2", "--cache-keep-blocks", "1"], "--cache-keep-blocks 1"),
+        (["--grid", "karras", "--grid-option", "rho=abc"], "rho='abc'; expected a number"),
+        (["--grid", "karras", "--grid-option", "rho=0"], "rho must be > 0"),
+        (["--sampler", "ddim", "--option", "eta=abc"], "eta='abc'; expected a number"),
+        (["--sampler", "ddim", "--option", "eta=-1"], "eta=-1; expected >= 0"),
+        (["--sampler", "rk45", "--option", "rtol=0"], "rtol=0; expected > 0"),
+        (["--sampler", "diffusers:DDIMScheduler", "--option", "scheduler_kwargs={bad"], "not valid JSON"),
         (["--stitch-fraction", "1.5", "--stitch-small", "x"], "--stitch-fraction 1.5"),
     ],
 )
@@ -147,6 +153,17 @@ def test_grid_search_writes_a_grid_that_sample_reads(model_dir, tmp_path, capsys
     assert abs(torch.sqrt(torch.mean((ours.double() - ref.double()) ** 2)).item() - data["score"]) < 1e-6
     sample(model_dir, tmp_path / "x.png", "--num", "2", "--sampler", "ddim", "--grid", str(out))
     assert main(["samplers", "search", str(model_dir), "--steps", "3", "--out", str(tmp_path / "g.txt")]) == 2
+
+
+def test_diffusers_scheduler_options_from_the_command_line(model_dir, tmp_path):
+    from genvis.generate import class_labels, generate, to_uint8
+
+    sample(model_dir, tmp_path / "d.npz", "--num", "3", "--sampler", "diffusers:DPMSolverMultistepScheduler",
+           "--option", 'scheduler_kwargs={"solver_order": 3, "timestep_spacing": "trailing"}')
+    model = genvis.load_model(model_dir)
+    imgs = generate(model, class_labels(3, 10), seed=0, sampler="diffusers:DPMSolverMultistepScheduler", steps=5,
+                    precision="fp32", scheduler_kwargs={"solver_order": 3, "timestep_spacing": "trailing"})
+    assert np.array_equal(np.repeat(to_uint8(imgs), 3, axis=-1), np.load(tmp_path / "d.npz")["arr_0"])
 
 
 def test_samplers_command_lists_every_sampler_grid_and_option(capsys):

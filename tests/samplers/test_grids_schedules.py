@@ -132,3 +132,19 @@ def test_model_flow_shift_reaches_the_default_grid_once():
     u = torch.linspace(1, 0, 5, dtype=torch.float64)
     assert torch.allclose(make_grid("default", schedule, 4), 3 * u / (1 + 2 * u))
     assert torch.equal(schedule.alpha_sigma(torch.tensor(0.25, dtype=torch.float64))[1], torch.tensor(0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["linear", "vp-linear", "edm"])
+def test_shift_grid_keeps_both_ends_on_every_schedule(name):
+    s = make_schedule(name)
+    grid = make_grid("shift", s, 8, shift=3.0)
+    assert grid[0] == s.noise_end and float(grid[-2]) == pytest.approx(s.t_min, abs=1e-9) and grid[-1] == s.data_end
+    # the warp is the flow shift on the normalised flow-equivalent time
+    tau = torch.sigmoid(-s.log_snr(grid[:-1]))
+    u = (tau - tau[-1]) / (tau[0] - tau[-1])
+    v = torch.linspace(1, 0, 8, dtype=torch.float64)
+    assert torch.allclose(u, 3 * v / (1 + 2 * v), atol=1e-9)
+
+
+def test_one_step_default_grid_starts_at_the_noise_end():
+    assert make_grid("default", make_schedule("linear"), 1).tolist() == [999.0, -1.0]
