@@ -58,19 +58,28 @@ def main() -> None:
         generate(model, labels[:20], **{**common, "batch_size": 20}, **options)  # warm-up
         best = float("inf")
         for _ in range(2):
+            calls = {"first": 0, "last": 0}
+            hooks = [model.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
+                     model.blocks[-1].register_forward_pre_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
             t0 = time.perf_counter()
             images = generate(model, labels, **common, **options)
             best = min(best, time.perf_counter() - t0)
+            for h in hooks:
+                h.remove()
+        # share of the large model's block evaluations actually run (first block: every call; last: full calls)
+        keep, depth = options.get("cache_keep_blocks", 0), len(model.blocks)
+        blocks = (keep * calls["first"] + (depth - keep) * calls["last"]) / (depth * calls["first"]) if calls["first"] else 0.0
         m = digits_metrics(images, labels)
-        results.append((name, m["fd"], m["class_accuracy"], best))
-        print(f"  {name}: fd {m['fd']:.1f}, accuracy {m['class_accuracy']:.3f}, {best:.2f} s", flush=True)
+        results.append((name, m["fd"], m["class_accuracy"], best, blocks))
+        print(f"  {name}: fd {m['fd']:.1f}, accuracy {m['class_accuracy']:.3f}, {best:.2f} s, large-model blocks {blocks:.2f}",
+              flush=True)
     base = results[0][3]
     print(f"\nunipc, {args.steps} steps, cfg 2.0, {args.num} samples; large {sum(p.numel() for p in large.parameters()) / 1e6:.2f}M "
           f"parameters, small {sum(p.numel() for p in small.parameters()) / 1e6:.2f}M\n")
-    print("| sampling | fd | class accuracy | time / large model |")
-    print("|---|---|---|---|")
-    for name, fd, acc, seconds in results:
-        print(f"| {name} | {fd:.1f} | {acc:.3f} | {seconds / base:.2f} |")
+    print("| sampling | fd | class accuracy | time / large model | large-model block evaluations |")
+    print("|---|---|---|---|---|")
+    for name, fd, acc, seconds, blocks in results:
+        print(f"| {name} | {fd:.1f} | {acc:.3f} | {seconds / base:.2f} | {blocks:.2f} |")
 
 
 if __name__ == "__main__":
