@@ -51,9 +51,21 @@ def expm1_neg(h: float) -> float:
     return math.expm1(-h) if math.isfinite(h) else -1.0
 
 
+MIN_STEP_RATIO = 0.2  # below it, extrapolating the history over the coming step is unstable
+
+
 def finite_history(tab: GridTable, i: int, k: int) -> int:
-    """The largest order <= k whose history lambda_{i-1}, ..., lambda_{i-k+1} is finite."""
-    while k > 1 and not all(math.isfinite(tab.lam[i - j]) for j in range(1, k)):
+    """The largest order <= k whose history lambda_{i-1}, ..., lambda_{i-k+1} is finite and whose past steps
+    are not much shorter than the coming one (h_{i-j} / h_i >= MIN_STEP_RATIO): a multistep estimate of
+    h D' or h^2 D'' amplifies the differences of its history by h / h_{i-j} and diverges on grids that end with
+    one long log-SNR step (e.g. t = 50 -> 0 on a linspace grid), where diffusers' solvers do the same."""
+    h = tab.lam[i + 1] - tab.lam[i]
+
+    def ok(j: int) -> bool:
+        h_past = tab.lam[i - j + 1] - tab.lam[i - j]
+        return math.isfinite(tab.lam[i - j]) and (not math.isfinite(h) or h_past >= MIN_STEP_RATIO * h)
+
+    while k > 1 and not all(ok(j) for j in range(1, k)):
         k -= 1
     return k
 
