@@ -89,23 +89,42 @@ class Denoiser:
         self.schedule = schedule
         self.prediction = prediction
         self.learn_sigma = learn_sigma
+        self._coefficients = {}
+
+    def coefficients(self, t: float) -> tuple:
+        """(alpha, sigma, dalpha, dsigma) at one time as Python floats, cached: samplers evaluate a
+        handful of times, and scalar coefficients keep the per-step arithmetic to a few tensor ops."""
+        if t not in self._coefficients:
+            t64 = torch.tensor(t, dtype=torch.float64)
+            alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t64))
+            dalpha = dsigma = None
+            if self.prediction == "velocity":
+                dalpha, dsigma = (float(v) for v in self.schedule.alpha_sigma_derivatives(t64))
+            self._coefficients[t] = (alpha, sigma, dalpha, dsigma)
+        return self._coefficients[t]
 
     def predict(self, x: torch.Tensor, t, **cond) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64)
+        uniform = t.ndim == 0 or bool((t == t.flatten()[0]).all())
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         out = self.model_fn(x, self.schedule.to_model_time(t).to(device=x.device, dtype=torch.float32), **cond).float()
         variance = None
         if self.learn_sigma:
             out, variance = out.chunk(2, dim=1)
-        alpha64, sigma64 = self.schedule.alpha_sigma(t)
-        if self.prediction in ("eps", "score") and bool((alpha64 == 0).any()):
+        if uniform:  # one time for the whole batch (every genvis sampler): scalar coefficients
+            alpha, sigma, dalpha, dsigma = self.coefficients(float(t[0]))
+            alpha_zero = alpha == 0
+        else:
+            alpha64, sigma64 = self.schedule.alpha_sigma(t)
+            alpha_zero = bool((alpha64 == 0).any())
+            alpha, sigma = per_sample(alpha64, x), per_sample(sigma64, x)
+            dalpha = dsigma = None
+            if self.prediction == "velocity":
+                dalpha, dsigma = (per_sample(v, x) for v in self.schedule.alpha_sigma_derivatives(t))
+        if self.prediction in ("eps", "score") and alpha_zero:
             raise ValueError(f"an {self.prediction!r} prediction cannot give x0 where alpha = 0 (t = {t.max().item():g}); "
                              "start the grid below the noise end or use a velocity, v or x0 model")
-        alpha, sigma = per_sample(alpha64, x), per_sample(sigma64, x)
-        dalpha = dsigma = None
-        if self.prediction == "velocity":
-            dalpha, dsigma = (per_sample(v, x) for v in self.schedule.alpha_sigma_derivatives(t))
         x0, eps = to_x0_eps(out, x.float(), alpha, sigma, self.prediction, dalpha, dsigma)
         return Prediction(x0=x0, eps=eps, variance=variance)
 

@@ -1,10 +1,12 @@
 """DDIM (Song et al. 2021, eq. 12) on any schedule and grid; eta = 0 is deterministic."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from genvis.diffusion.predictions import Denoiser
-from genvis.samplers.common import register_sampler, randn_like, steps_of
+from genvis.samplers.common import GridTable, randn_like, register_sampler, steps_of
 
 
 @register_sampler("ddim", summary="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM-like noise",
@@ -19,13 +21,12 @@ def sample_ddim(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callb
     if eta < 0:
         raise ValueError(f"ddim: eta must be >= 0, got {eta}")
     cond = cond or {}
-    schedule = denoiser.schedule
-    for i, t, s in steps_of(grid, progress, "ddim"):
+    tab = GridTable(denoiser.schedule, grid)
+    for i, t, _ in steps_of(grid, progress, "ddim"):
         pred = denoiser.predict(x, t, **cond)
-        a_t, s_t = schedule.alpha_sigma(torch.tensor(t))
-        a_s, s_s = schedule.alpha_sigma(torch.tensor(s))
-        c = eta * s_s * torch.sqrt((1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2).clamp(min=0))
-        x = a_s * pred.x0 + torch.sqrt((s_s**2 - c**2).clamp(min=0)) * pred.eps
+        a_t, s_t, a_s, s_s = tab.alpha[i], tab.sigma[i], tab.alpha[i + 1], tab.sigma[i + 1]
+        c = eta * s_s * math.sqrt(max(0.0, 1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2))
+        x = a_s * pred.x0 + math.sqrt(max(0.0, s_s**2 - c**2)) * pred.eps
         if eta > 0 and c > 0:
             x = x + c * randn_like(x, generator)
         x = x.float()
