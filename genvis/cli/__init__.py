@@ -15,11 +15,11 @@ EXIT_BAD_INPUT = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from genvis.cli import eval as eval_cmd
-    from genvis.cli import importer, sample, samplers, train
+    from genvis.cli import importer, ref, sample, samplers, train
 
     parser = argparse.ArgumentParser(prog="genvis", description="Generative image modeling: train, sample, evaluate.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, samplers, eval_cmd, importer):
+    for module in (train, sample, samplers, eval_cmd, ref, importer):
         module.add_parser(subparsers)
     return parser
 

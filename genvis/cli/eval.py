@@ -1,7 +1,22 @@
-"""genvis eval digits SAMPLES.npz"""
+"""genvis eval digits SAMPLES.npz | genvis eval fid SAMPLES --ref REF [options] | genvis eval sample-fid ..."""
 from __future__ import annotations
 
 import json
+
+# Help text only; genvis.evaluation.features (torch, torch-fidelity) validates the names when a command runs.
+FEATURE_SETS = ("inception", "digits")
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+def add_evaluation_options(p) -> None:
+    """--features, --inception-weights, --batch-size, --device (shared by `eval fid` and `ref`)."""
+    p.add_argument("--features", default="inception", metavar="NAME",
+                   help=f"feature space: {' | '.join(FEATURE_SETS)} (default inception; digits is offline)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="torch-fidelity Inception-v3 state dict (tensors only); needed offline unless it is in the "
+                   "torch hub cache")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--device", default="cpu", metavar="D", help="torch device for the feature extractor (default cpu)")
 
 
 def add_parser(subparsers) -> None:
@@ -16,9 +31,43 @@ def add_parser(subparsers) -> None:
     d.add_argument("samples", metavar="SAMPLES.npz")
     d.set_defaults(func=run_digits)
 
+    f = sub.add_parser(
+        "fid",
+        help="FID / IS / KID / precision-recall of samples against a reference, as JSON",
+        description="SAMPLES and REF: an image folder (PNG/JPEG), an ADM .npz (arr_0 uint8 NHWC) or a dataset config "
+        "YAML; REF may also be ADM reference statistics (mu, sigma), which give FID only. Metric keys follow "
+        "torch-fidelity (frechet_inception_distance, inception_score_mean, ...).",
+    )
+    f.add_argument("samples", metavar="SAMPLES")
+    f.add_argument("--ref", default=None, metavar="REF", help="reference images or statistics (not needed for isc alone)")
+    f.add_argument("--metrics", default="fid", metavar="LIST", help=f"comma-separated, from {','.join(METRICS)} (default fid)")
+    f.add_argument("--split", default="train", help="dataset split when SAMPLES/REF is a dataset config (default train)")
+    add_evaluation_options(f)
+    f.set_defaults(func=run_fid)
+
+    from genvis.cli import sample_fid  # `eval sample-fid`: sharded, resumable sampling + evaluation
+
+    sample_fid.add_parser(sub)
+
 
 def run_digits(args) -> int:
     from genvis.evaluation.digits import evaluate_npz
 
     print(json.dumps(evaluate_npz(args.samples), indent=2))
+    return 0
+
+
+def run_fid(args) -> int:
+    from genvis.evaluation.features import check_feature_set
+    from genvis.evaluation.reference import check_metrics, compute_metrics
+    from genvis.errors import GenvisError
+
+    metrics = check_metrics(args.metrics.split(","))
+    check_feature_set(args.features)
+    if args.batch_size < 1:
+        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
+    result = compute_metrics(args.samples, args.ref, metrics=metrics, features=args.features,
+                             weights=args.inception_weights if args.features == "inception" else None,
+                             batch_size=args.batch_size, device=args.device, split=args.split)
+    print(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,39 @@
+"""genvis ref DATA --out ref.npz: ADM-format reference statistics (mu, sigma, optional arr_0)."""
+from __future__ import annotations
+
+import json
+
+from genvis.cli.eval import add_evaluation_options
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ref",
+        help="reference statistics (mu, sigma) in ADM format",
+        description="DATA: an image folder (PNG/JPEG), an ADM .npz (arr_0 uint8 NHWC) or a dataset config YAML. "
+        "Writes OUT.npz with mu (float64 [D]) and sigma (float64 [D, D]) of the chosen features, and with "
+        "--with-images also arr_0 (uint8 NHWC), so KID and precision/recall can use it. The file is written atomically.",
+    )
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--out", required=True, metavar="OUT.npz")
+    p.add_argument("--with-images", action="store_true", help="also store the images as arr_0")
+    p.add_argument("--split", default="train", help="dataset split when DATA is a dataset config (default train)")
+    add_evaluation_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from genvis.errors import GenvisError
+    from genvis.evaluation.features import STATS_LAYER, build_extractor, check_feature_set
+    from genvis.evaluation.reference import open_source, write_reference
+
+    check_feature_set(args.features)
+    if args.batch_size < 1:
+        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
+    source = open_source(args.data, split=args.split)
+    weights = args.inception_weights if args.features == "inception" else None
+    extractor = build_extractor(args.features, weights=weights, device=args.device,
+                                features=[STATS_LAYER[args.features]])
+    info = write_reference(source, args.out, extractor, batch_size=args.batch_size, include_images=args.with_images)
+    print(json.dumps({**info, "features": args.features, "source": source.name}, indent=2))
+    return 0

@@ -1,0 +1,174 @@
+"""Sharded, resumable sampling for evaluation (`genvis eval sample-fid`).
+
+The work is a fixed list of N samples: sample i has label `labels[i]` (one list for the whole run,
+"balanced" i % C or "uniform" from a seeded generator) and is drawn from seed (base, i) alone
+(genvis.generate), so the image set does not depend on the process count or the batch size.
+Samples are grouped into shards of `shard_size` consecutive indices; process p of W takes the
+shards k with k % W == p. A finished shard is one file, `shards/shard_000012.npz` (arr_0 uint8 NHWC,
+labels, indices), written under a temporary name and renamed, so a killed run leaves only complete
+shards and a rerun samples the missing ones only. The settings of the run are recorded in
+`run.json`; a rerun with other settings stops instead of mixing two sample sets.
+
+When every shard exists, the main process assembles `samples.npz` (ADM style: arr_0 + labels) shard by
+shard through a memory-mapped array, so memory stays bounded by one shard, not by N.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from genvis.errors import GenvisError
+
+LABEL_MODES = ("balanced", "uniform")
+
+
+def label_list(num: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """The label of every sample index: balanced i % C, or uniform draws from a generator seeded by seed."""
+    if mode == "balanced":
+        return np.arange(num, dtype=np.int64) % num_classes
+    if mode == "uniform":
+        return np.random.default_rng([int(seed), 7]).integers(0, num_classes, size=num, dtype=np.int64)
+    raise GenvisError(f"--labels {mode!r}: expected one of: {', '.join(LABEL_MODES)}")
+
+
+def shard_ranges(num: int, shard_size: int) -> List[Tuple[int, int, int]]:
+    """(k, start, stop) for every shard of consecutive sample indices."""
+    return [(k, start, min(start + shard_size, num)) for k, start in enumerate(range(0, num, shard_size))]
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out / "shards" / f"shard_{k:06d}.npz"
+
+
+def _atomic_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
+    """Record the run's settings, or check that an existing run directory was made with the same ones."""
+    record = out / "run.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise GenvisError(f"{out}: made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in diff)}); "
+                              "use a new --out or the same settings")
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(".run.json.tmp")
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        os.replace(tmp, record)
+
+
+def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
+                  batch_size: int, progress: bool = False, **generate_options) -> List[int]:
+    """Sample this process's missing shards; returns the shard numbers it wrote."""
+    import torch
+
+    from genvis.generate import generate, to_uint8
+
+    written = []
+    mine = [s for s in shard_ranges(len(labels), shard_size) if s[0] % world == rank]
+    for k, start, stop in mine:
+        path = shard_path(out, k)
+        if path.is_file():
+            continue
+        images = generate(model, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
+                          batch_size=batch_size, **generate_options)
+        _atomic_npz(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
+        written.append(k)
+        if progress:
+            print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
+    return written
+
+
+def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
+    """Concatenate the shards into out/samples.npz (arr_0 uint8 NHWC RGB, labels) with bounded memory.
+
+    arr_0 is filled shard by shard in a memory-mapped .npy and stored uncompressed in the zip, which is
+    what np.load reads; every shard's indices and labels are checked against the run's list.
+    """
+    ranges = shard_ranges(len(labels), shard_size)
+    missing = [k for k, _, _ in ranges if not shard_path(out, k).is_file()]
+    if missing:
+        raise GenvisError(f"{out}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; rerun to finish them")
+    first = np.load(shard_path(out, 0))["arr_0"]
+    channels = 3 if first.shape[-1] == 1 else first.shape[-1]  # ADM files hold RGB: greyscale is repeated
+    target = out / "samples.npz"
+    work = Path(tempfile.mkdtemp(prefix=".assemble.", dir=out))
+    try:
+        arr = np.lib.format.open_memmap(work / "arr_0.npy", mode="w+", dtype=np.uint8, shape=(len(labels),) + first.shape[1:-1] + (channels,))
+        for k, start, stop in ranges:
+            with np.load(shard_path(out, k)) as shard:
+                if not (np.array_equal(shard["indices"], np.arange(start, stop)) and np.array_equal(shard["labels"], labels[start:stop])):
+                    raise GenvisError(f"{shard_path(out, k)}: holds other samples than the run's shard {k}; remove it and rerun")
+                arr[start:stop] = shard["arr_0"]  # broadcasts a greyscale channel to 3
+        arr.flush()
+        del arr
+        np.save(work / "labels.npy", labels)
+        tmp = work / "samples.npz"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            z.write(work / "arr_0.npy", "arr_0.npy")
+            z.write(work / "labels.npy", "labels.npy")
+        os.replace(tmp, target)
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    return target
+
+
+def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode: str = "balanced", seed: int = 0,
+                   shard_size: int = 1000, batch_size: int = 64, metrics=("fid",), features: str = "inception",
+                   weights: Optional[str] = None, device: Optional[str] = None, progress: bool = True,
+                   **generate_options) -> Optional[Dict]:
+    """Sample N images over all Accelerate processes, resumably, then (main process) assemble samples.npz
+    and compute the metrics against `ref`. Returns the metrics on the main process (None elsewhere)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from genvis.models import load_model
+
+    if num < 1 or shard_size < 1 or batch_size < 1:
+        raise GenvisError("--num, --shard-size and --batch-size must be >= 1")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out = Path(out)
+    model = load_model(model_path, device=device or str(state.device))
+    labels = label_list(num, model.num_classes, label_mode, seed)
+    settings = {"model": str(Path(model_path).resolve()), "num": num, "labels": label_mode, "seed": seed,
+                "shard_size": shard_size, **generate_options}
+    settings = json.loads(json.dumps(settings, default=str))
+    if state.is_main_process:
+        check_settings(out, settings, True)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        check_settings(out, settings, False)
+    sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=state.process_index,
+                  world=state.num_processes, batch_size=batch_size, progress=progress, **generate_options)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    samples = assemble(out, labels, shard_size)
+    if ref is None:
+        return {"samples": str(samples), "num_samples": num}
+    from genvis.evaluation.reference import compute_metrics
+    from genvis.training.checkpoint import write_json_atomic
+
+    result = compute_metrics(str(samples), ref, metrics=metrics, features=features, weights=weights, batch_size=batch_size)
+    result = {**result, "samples": str(samples)}
+    write_json_atomic(out / "metrics.json", result)
+    return result

@@ -1,0 +1,444 @@
+"""Image sources streamed in batches, ADM-format reference statistics, and FID/IS/KID/PRC.
+
+    source = open_source("samples/")          # PNG/JPEG folder, ADM .npz (arr_0), or dataset YAML
+    for batch in source.batches(64): ...      # uint8 [B, 3, H, W]
+    write_reference(open_source("data.yaml"), "ref.npz", build_extractor("digits"), 64)
+    compute_metrics("samples.npz", "ref.npz", metrics=("fid",), features="digits")
+
+Sources never hold all N images in memory: folders decode one batch of files at a time, .npz
+members are read batch by batch from the zip stream, datasets are indexed batch by batch.
+A statistics file is an .npz with `mu` [D] and `sigma` [D, D] (float64), as ADM's
+evaluator writes them, optionally with the images as `arr_0` (uint8 NHWC).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from genvis.errors import GenvisError
+from genvis.evaluation.features import (
+    LOGITS_LAYER,
+    METRICS,
+    STATS_LAYER,
+    FeatureAccumulator,
+    build_extractor,
+    check_feature_set,
+    extract,
+)
+from genvis.evaluation.fid import frechet_distance
+
+FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CONFIG_EXTENSIONS = (".yaml", ".yml")
+
+
+def _to_nchw3(images_nhwc: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 NHWC (C = 1 or 3) -> uint8 [N, 3, H, W] tensor."""
+    if images_nhwc.dtype != np.uint8 or images_nhwc.ndim != 4 or images_nhwc.shape[-1] not in (1, 3):
+        raise GenvisError(f"{what}: images are {images_nhwc.dtype} {images_nhwc.shape}; expected uint8 [N, H, W, C], C = 1 or 3")
+    x = torch.from_numpy(np.require(images_nhwc, requirements=["C", "W"])).permute(0, 3, 1, 2)  # copies read-only buffers
+    return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).contiguous()
+
+
+class FolderSource:
+    """PNG/JPEG files directly in a folder (not recursive), sorted by file name, as RGB uint8.
+
+    The constructor reads every file's header: an empty folder, mixed image sizes or a file PIL
+    cannot open raise GenvisError naming the folder or file. Pixels are decoded batch by batch.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        from PIL import Image
+
+        self.path = Path(path)
+        self.name = str(self.path)
+        if not self.path.is_dir():
+            raise GenvisError(f"{self.path}: image folder not found")
+        self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS)
+        if not self.files:
+            raise GenvisError(f"{self.path}: no images found; expected {'/'.join(FOLDER_EXTENSIONS)} files in the folder")
+        sizes = {}
+        for file in self.files:
+            try:
+                with Image.open(file) as image:
+                    sizes.setdefault(image.size, file)
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+                raise GenvisError(f"{file}: cannot read image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if len(sizes) > 1:
+            listed = "; ".join(f"{w}x{h} ({f.name})" for (w, h), f in list(sizes.items())[:3])
+            raise GenvisError(f"{self.path}: images of different sizes ({listed}); all must share one size")
+        (self.width, self.height), = sizes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, file: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(file) as image:
+                array = np.asarray(image.convert("RGB"))  # torch-fidelity's conversion
+        except Exception as err:
+            raise GenvisError(f"{file}: cannot read image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if array.shape[:2] != (self.height, self.width):
+            raise GenvisError(f"{file}: image is {array.shape[1]}x{array.shape[0]}, the others {self.width}x{self.height}")
+        return array
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, H, W] batches in file-name order."""
+        for start in range(0, len(self.files), batch_size):
+            chunk = np.stack([self._load(f) for f in self.files[start : start + batch_size]])
+            yield _to_nchw3(chunk, str(self.path))
+
+
+class NpzSource:
+    """ADM-style images: `arr_0` uint8 [N, H, W, C] (C = 1 or 3) in an .npz, or a bare .npy.
+
+    .npz members are read from the zip stream one batch at a time (compressed or not); a .npy is
+    memory-mapped.
+    """
+
+    def __init__(self, path: Union[str, Path], key: str = "arr_0"):
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.key = key
+        if not self.path.is_file():
+            raise GenvisError(f"{self.path}: file not found")
+        if self.path.suffix.lower() == ".npy":
+            try:
+                array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            except Exception as err:
+                raise GenvisError(f"{self.path}: cannot read as .npy ({err})") from None
+            self.shape, self.dtype, self._fortran = array.shape, array.dtype, False
+        else:
+            self.shape, self.dtype, self._fortran = self._member_header()
+        if self.dtype != np.uint8 or len(self.shape) != 4 or self.shape[-1] not in (1, 3):
+            raise GenvisError(f"{self.path}: key '{key}' is {self.dtype} {self.shape}; expected uint8 [N, H, W, C] with C = 1 or 3")
+        if self.shape[0] == 0:
+            raise GenvisError(f"{self.path}: key '{key}' holds no images")
+
+    def _open_member(self):
+        """(zip file, member stream positioned after the .npy header, (shape, fortran, dtype))."""
+        try:
+            archive = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise GenvisError(f"{self.path}: cannot read as .npz ({err})") from None
+        member = f"{self.key}.npy"
+        if member not in archive.namelist():
+            keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            archive.close()
+            raise GenvisError(f"{self.path}: key '{self.key}' missing; expected uint8 images [N, H, W, C] "
+                              f"(found keys: {', '.join(keys) or 'none'})")
+        stream = archive.open(member)
+        try:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                header = np.lib.format.read_array_header_2_0(stream)
+            else:  # format 3.0 (utf-8 header): no public reader; load that member whole instead
+                header = None
+        except Exception as err:
+            stream.close()
+            archive.close()
+            raise GenvisError(f"{self.path}: key '{self.key}' is not a readable array ({err})") from None
+        return archive, stream, header
+
+    def _member_header(self):
+        """(shape, dtype, whole) of the member; whole=True when it cannot be streamed (Fortran order,
+        or a .npy format version without a public header reader)."""
+        archive, stream, header = self._open_member()
+        stream.close()
+        archive.close()
+        if header is None:
+            with np.load(self.path, mmap_mode="r", allow_pickle=False) as data:
+                array = data[self.key]
+            return array.shape, array.dtype, True
+        shape, fortran, dtype = header
+        return shape, dtype, fortran
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, H, W] batches in array order (1-channel images repeated to 3)."""
+        n, per_image = self.shape[0], int(np.prod(self.shape[1:]))
+        if self.path.suffix.lower() == ".npy":
+            array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            for start in range(0, n, batch_size):
+                yield _to_nchw3(np.asarray(array[start : start + batch_size]), self.name)
+            return
+        if self._fortran:  # rare (Fortran order, .npy format 3.0): not streamed row by row
+            with np.load(self.path, allow_pickle=False) as data:
+                array = data[self.key]
+            for start in range(0, n, batch_size):
+                yield _to_nchw3(array[start : start + batch_size], self.name)
+            return
+        archive, stream, _ = self._open_member()
+        try:
+            for start in range(0, n, batch_size):
+                count = min(batch_size, n - start)
+                raw = stream.read(count * per_image)
+                if len(raw) != count * per_image:
+                    raise GenvisError(f"{self.path}: key '{self.key}' is truncated (image {start + len(raw) // per_image} of {n})")
+                chunk = np.frombuffer(raw, dtype=np.uint8).reshape(count, *self.shape[1:])
+                yield _to_nchw3(chunk, self.name)
+        finally:
+            stream.close()
+            archive.close()
+
+
+class DatasetSource:
+    """A genvis dataset from a run/data config YAML (`data:` section), as uint8 with
+    genvis.generate.to_uint8's conversion clamp(127.5 x + 128, 0, 255)."""
+
+    def __init__(self, path: Union[str, Path], split: str = "train"):
+        from genvis.config import load_config
+        from genvis.data import build_dataset
+
+        self.path = Path(path)
+        self.name = f"{self.path}:{split}"
+        # A data-only YAML need not name an output directory; nothing is written there.
+        cfg = load_config(str(self.path), overrides=("output_dir=unused",))
+        self.dataset = build_dataset(cfg.data, split=split)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, H, W] batches in dataset order (1-channel images repeated to 3)."""
+        from genvis.generate import to_uint8
+
+        for start in range(0, len(self.dataset), batch_size):
+            stop = min(start + batch_size, len(self.dataset))
+            images = torch.stack([self.dataset[i][0] for i in range(start, stop)])
+            yield _to_nchw3(to_uint8(images), self.name)
+
+
+def _npz_keys(path: Path) -> Sequence[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise GenvisError(f"{path}: cannot read as .npz ({err})") from None
+
+
+def open_source(path, split: str = "train"):
+    """An image source for `path`: a folder, an .npz/.npy with `arr_0`, or a dataset config YAML.
+
+    Sources (and anything with `__len__`, `batches(batch_size)` and `name`) are returned as is.
+    `split` picks the dataset split of a YAML config (ignored otherwise).
+    """
+    if hasattr(path, "batches"):
+        return path
+    path = Path(path)
+    if path.is_dir():
+        return FolderSource(path)
+    if not path.exists():
+        raise GenvisError(f"{path}: not found; expected an image folder, an .npz with arr_0, or a dataset config .yaml")
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".npy"):
+        return NpzSource(path)
+    if suffix in CONFIG_EXTENSIONS:
+        return DatasetSource(path, split=split)
+    raise GenvisError(f"{path}: unsupported input; expected an image folder, an .npz with arr_0, or a dataset config .yaml")
+
+
+def read_statistics(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu float64 [D], sigma float64 [D, D]) from an ADM-format statistics .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenvisError(f"{path}: statistics file not found")
+    keys = _npz_keys(path)
+    for key in ("mu", "sigma"):
+        if key not in keys:
+            raise GenvisError(f"{path}: key '{key}' missing; a statistics file holds mu [D] and sigma [D, D] "
+                              f"(found keys: {', '.join(keys) or 'none'})")
+    with np.load(path, allow_pickle=False) as data:
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise GenvisError(f"{path}: mu {mu.shape} and sigma {sigma.shape}; expected [D] and [D, D]")
+    return mu, sigma
+
+
+def write_reference(source, out, extractor, batch_size: int = 64, include_images: bool = False,
+                    stats_layer: Optional[str] = None) -> dict:
+    """Write ADM-format reference statistics of `source` to `out` (.npz), atomically.
+
+    Args:
+        source: a path or an open source (see `open_source`).
+        out: the .npz to write: `mu` float64 [D], `sigma` float64 [D, D], and with
+            include_images also `arr_0` uint8 [N, H, W, 3].
+        extractor: from `build_extractor`; its first feature is used unless `stats_layer` is given.
+        batch_size: images per extractor call.
+
+    The file appears only complete: it is written to a temporary file in the same folder and
+    renamed; on any error the temporary file is removed and `out` is left as it was.
+
+    Returns:
+        {"out": str, "num_images": N, "feature_dim": D}.
+    """
+    source = open_source(source)
+    out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise GenvisError(f"{out}: the reference file must end in .npz")
+    if not out.parent.is_dir():
+        raise GenvisError(f"{out.parent}: output folder not found")
+    layer = stats_layer or extractor.features_list[0]
+    if len(source) < 2:
+        raise GenvisError(f"{source.name}: {len(source)} image(s); statistics need at least 2")
+
+    images_tmp = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if include_images:
+            # stream the images to a side .npy memmap so they never sit in memory all at once
+            fd2, images_tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".arr_0.npy", dir=out.parent)
+            os.close(fd2)
+            images = None
+
+            def batches():
+                nonlocal images
+                start = 0
+                for batch in source.batches(batch_size):
+                    if images is None:
+                        shape = (len(source), batch.shape[2], batch.shape[3], 3)
+                        images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=shape)
+                    images[start : start + batch.shape[0]] = batch.permute(0, 2, 3, 1).numpy()
+                    start += batch.shape[0]
+                    yield batch
+
+            acc = extract(extractor, batches(), FeatureAccumulator(stats=(layer,)))
+        else:
+            acc = extract(extractor, source.batches(batch_size), FeatureAccumulator(stats=(layer,)))
+        mu, sigma = acc.mu_sigma(layer)
+        with open(tmp, "wb") as f:
+            if include_images:
+                images.flush()
+                np.savez(f, mu=mu, sigma=sigma, arr_0=np.load(images_tmp, mmap_mode="r"))
+                del images
+            else:
+                np.savez(f, mu=mu, sigma=sigma)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        if images_tmp is not None and os.path.exists(images_tmp):
+            os.unlink(images_tmp)
+    return {"out": str(out), "num_images": acc.num, "feature_dim": int(mu.shape[0])}
+
+
+def _is_statistics_file(path) -> bool:
+    if hasattr(path, "batches"):
+        return False
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() == ".npz" and "arr_0" not in _npz_keys(path)
+
+
+def check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:
+    """Metric names must come from METRICS; returns them without repeats, in the given order."""
+    metrics = tuple(dict.fromkeys(m.strip() for m in metrics if m.strip()))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise GenvisError(f"metrics {','.join(unknown) or '(none)'}: expected a comma-separated list of {', '.join(METRICS)}")
+    return metrics
+
+
+def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), features: str = "inception",
+                    weights=None, batch_size: int = 64, device="cpu", split: str = "train",
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
+                    prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict:
+    """FID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions.
+
+    Args:
+        samples: a folder, an .npz with arr_0, a dataset YAML, or an open source.
+        ref: the same kinds, or an ADM statistics .npz (`mu`, `sigma`; FID only unless it also holds
+            `arr_0`). Not needed when only "isc" is asked for.
+        metrics: any of "fid", "isc", "kid", "prc".
+        features: "inception" (2048-d pool features / logits) or "digits" (128-d / 10 logits).
+        weights: extractor weights file (see `build_extractor`).
+        kid_subsets, kid_subset_size (capped at the smaller N), isc_splits (capped at N),
+        prc_neighborhood, rng_seed: as torch-fidelity's kwargs of the same names and defaults.
+
+    Returns:
+        {"frechet_inception_distance", "inception_score_mean", "inception_score_std",
+         "kernel_inception_distance_mean", "kernel_inception_distance_std", "precision", "recall",
+         "f_score"} (those asked for), plus "num_samples", "num_ref" (when images) and "features".
+    """
+    metrics = check_metrics(metrics)
+    check_feature_set(features)
+    needs_ref = [m for m in metrics if m != "isc"]
+    if needs_ref and ref is None:
+        raise GenvisError(f"metrics {','.join(needs_ref)} need a reference (--ref)")
+    stats_layer, logits_layer = STATS_LAYER[features], LOGITS_LAYER[features]
+    image_metrics = [m for m in metrics if m in ("kid", "prc")]
+
+    ref_stats = None
+    ref_source = None
+    if needs_ref:
+        if _is_statistics_file(ref):
+            if image_metrics:
+                raise GenvisError(f"{ref}: a statistics file (mu, sigma) without images; metrics "
+                                  f"{','.join(image_metrics)} need the reference images (a folder, an .npz with arr_0, "
+                                  "or `genvis ref --with-images`)")
+            ref_stats = read_statistics(ref)
+        elif not hasattr(ref, "batches") and Path(ref).suffix.lower() == ".npz" and "mu" in _npz_keys(Path(ref)):
+            ref_stats = read_statistics(ref) if "fid" in metrics else None  # stored stats win for FID
+            ref_source = open_source(ref) if image_metrics else None
+        else:
+            ref_source = open_source(ref, split=split)
+    samples = open_source(samples, split=split)
+
+    layers = [stats_layer] + ([logits_layer] if "isc" in metrics else [])
+    extractor = build_extractor(features, weights=weights, device=device, features=list(dict.fromkeys(layers)))
+    sample_acc = extract(extractor, samples.batches(batch_size), FeatureAccumulator(
+        stats=(stats_layer,) if "fid" in metrics else (),
+        keep=((stats_layer,) if image_metrics else ()) + ((logits_layer,) if "isc" in metrics else ())))
+    result = {}
+    if ref_source is not None:
+        ref_acc = extract(extractor, ref_source.batches(batch_size), FeatureAccumulator(
+            stats=(stats_layer,) if ("fid" in metrics and ref_stats is None) else (),
+            keep=(stats_layer,) if image_metrics else ()))
+        if ref_stats is None and "fid" in metrics:
+            ref_stats = ref_acc.mu_sigma(stats_layer)
+
+    if "fid" in metrics:
+        mu, sigma = sample_acc.mu_sigma(stats_layer)
+        if ref_stats[0].shape != mu.shape:
+            raise GenvisError(f"{ref}: reference statistics of dim {ref_stats[0].shape[0]}, but {features} features "
+                              f"have dim {mu.shape[0]}; use the --features the reference was made with")
+        result["frechet_inception_distance"] = frechet_distance(mu, sigma, *ref_stats)
+    if "isc" in metrics:
+        from torch_fidelity.metric_isc import isc_features_to_metric
+
+        logits = sample_acc.kept(logits_layer)
+        result.update(isc_features_to_metric(logits, splits=min(isc_splits, logits.shape[0]), shuffle=True,
+                                             rng_seed=rng_seed))
+    if image_metrics:
+        f1, f2 = sample_acc.kept(stats_layer), ref_acc.kept(stats_layer)
+        if "kid" in metrics:
+            from torch_fidelity.metric_kid import kid_features_to_metric
+
+            size = min(kid_subset_size, f1.shape[0], f2.shape[0])
+            result.update(kid_features_to_metric(f1, f2, kid_subsets=kid_subsets, kid_subset_size=size,
+                                                 rng_seed=rng_seed, verbose=False))
+        if "prc" in metrics:
+            from torch_fidelity.metric_prc import prc_features_to_metric
+
+            if min(f1.shape[0], f2.shape[0]) <= prc_neighborhood:
+                raise GenvisError(f"precision/recall with neighborhood {prc_neighborhood} needs more than "
+                                  f"{prc_neighborhood} images on each side ({f1.shape[0]} samples, {f2.shape[0]} reference)")
+            result.update(prc_features_to_metric(f1, f2, prc_neighborhood=prc_neighborhood, verbose=False))
+    result["num_samples"] = sample_acc.num
+    if ref_source is not None:
+        result["num_ref"] = ref_acc.num
+    result["features"] = features
+    return result

@@ -1,0 +1,304 @@
+"""FID/IS/KID/precision-recall through torch-fidelity extractors, reference files, and the CLI.
+
+Everything runs offline on the digits classifier's features ("genvis-digits"); the Inception
+path is checked with random weights saved to a temporary file (torch-fidelity never downloads).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genvis.cli import main
+from genvis.data import DigitsDataset
+from genvis.evaluation.fid import feature_statistics, frechet_distance
+from genvis.evaluation.features import (
+    FeatureAccumulator,
+    build_extractor,
+    extract,
+    inception_hub_file,
+)
+from genvis.evaluation.reference import compute_metrics, open_source, read_statistics, write_reference
+from genvis.generate import to_uint8
+
+N = 200
+
+
+class NotATensor:
+    """A Python object: a checkpoint holding one can only be read by unpickling."""
+
+    def __init__(self):
+        self.value = 1
+
+
+def _write_folder(folder, images_nhwc):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_nhwc):
+        Image.fromarray(img[..., 0]).save(folder / f"{i:04d}.png")  # greyscale PNGs
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits_u8():
+    """uint8 NHWC [400, 16, 16, 1]: two disjoint sets of 200 real digits."""
+    dataset = DigitsDataset("all", resolution=16, channels=1)
+    return to_uint8(dataset.images[: 2 * N])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, digits_u8):
+    root = tmp_path_factory.mktemp("fid_data")
+    a, b = digits_u8[:N], digits_u8[N:]
+    folder_a = _write_folder(root / "a", a)
+    folder_b = _write_folder(root / "b", b)
+    npz_a = root / "a.npz"
+    np.savez(npz_a, arr_0=np.repeat(a, 3, axis=-1), labels=np.zeros(N, np.int64))
+    return {"a": folder_a, "b": folder_b, "npz_a": npz_a, "u8_a": a, "u8_b": b}
+
+
+def _cli(capsys, argv):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _rel(x, y):
+    return abs(x - y) / max(abs(y), 1e-12)
+
+
+def test_accumulator_matches_feature_statistics():
+    gen = torch.Generator().manual_seed(0)
+    feats = 5.0 + 0.3 * torch.randn(1003, 64, generator=gen, dtype=torch.float64)  # offset mean: no cancellation
+    acc = FeatureAccumulator(stats=("f",), keep=("f",))
+    for start, stop in [(0, 1), (1, 64), (64, 500), (500, 1003)]:  # uneven batches, one of size 1
+        acc.update({"f": feats[start:stop]})
+    mu, sigma = acc.mu_sigma("f")
+    mu_ref, sigma_ref = feature_statistics(feats)
+    assert acc.num == 1003 and mu.dtype == sigma.dtype == np.float64
+    assert np.max(np.abs(mu - mu_ref)) <= 1e-10 * np.max(np.abs(mu_ref))
+    assert np.max(np.abs(sigma - sigma_ref)) <= 1e-10 * np.max(np.abs(sigma_ref))
+    assert torch.equal(acc.kept("f"), feats.float())
+
+
+def test_digits_extractor_matches_digits_module(digits_u8):
+    from genvis.evaluation.digits import _classify, _shared_classifier
+
+    x = torch.from_numpy(np.repeat(digits_u8[:50], 3, axis=-1)).permute(0, 3, 1, 2).contiguous()
+    extractor = build_extractor("digits")
+    acc = extract(extractor, [x[:20], x[20:]], keep=("penultimate", "logits_unbiased"))
+    expected, _ = _classify(_shared_classifier(), digits_u8[:50], batch_size=64)
+    # equal up to float32 rounding (channel mean of 3 equal values, batch-size-dependent conv kernels)
+    diff = (acc.kept("penultimate") - expected).abs().max().item()
+    print(f"max |digits extractor - digits_metrics features| = {diff:.3g}")
+    assert diff <= 1e-5 * expected.abs().max().item()
+    head = _shared_classifier().head
+    logits = acc.kept("logits_unbiased")
+    assert logits.shape == (50, 10)
+    assert torch.allclose(logits + head.bias, head(expected), atol=1e-5)
+
+
+def test_fid_of_set_against_itself_is_zero(capsys, data):
+    for samples, ref in [(data["a"], data["npz_a"]), (data["npz_a"], data["a"]), (data["a"], data["a"])]:
+        rc, out, err = _cli(capsys, ["eval", "fid", str(samples), "--ref", str(ref), "--features", "digits",
+                                     "--batch-size", "37"])
+        assert rc == 0, err
+        result = json.loads(out)
+        assert abs(result["frechet_inception_distance"]) < 1e-6
+        assert result["num_samples"] == N and result["features"] == "digits"
+    # and clearly non-zero against a different set
+    rc, out, _ = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(data["b"]), "--features", "digits"])
+    assert rc == 0 and json.loads(out)["frechet_inception_distance"] > 1.0
+
+
+def test_metrics_match_torch_fidelity(data):
+    import torch_fidelity
+
+    ours = compute_metrics(data["a"], data["b"], metrics=("fid", "isc", "kid", "prc"), features="digits",
+                           batch_size=64)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(data["a"]), input2=str(data["b"]), cuda=False, batch_size=64, cache=False, verbose=False,
+        save_cpu_ram=True, fid=True, isc=True, kid=True, prc=True, feature_extractor="genvis-digits",
+        feature_layer_fid="penultimate", feature_layer_kid="penultimate", feature_layer_prc="penultimate",
+        feature_layer_isc="logits_unbiased", kid_subset_size=N,
+    )
+    keys = ["frechet_inception_distance", "inception_score_mean", "inception_score_std",
+            "kernel_inception_distance_mean", "kernel_inception_distance_std", "precision", "recall", "f_score"]
+    rel = {k: _rel(ours[k], theirs[k]) for k in keys}
+    print("relative differences vs torch-fidelity:", rel)
+    assert all(r < 1e-4 for r in rel.values()), (rel, ours, theirs)
+    assert ours["frechet_inception_distance"] > 1.0 and 0 < ours["precision"] <= 1
+
+
+def test_ref_file_matches_folder(capsys, data, tmp_path):
+    out = tmp_path / "ref.npz"
+    rc, stdout, err = _cli(capsys, ["ref", str(data["a"]), "--out", str(out), "--features", "digits"])
+    assert rc == 0, err
+    with np.load(out) as ref:
+        assert sorted(ref.files) == ["mu", "sigma"]
+        assert ref["mu"].dtype == np.float64 and ref["mu"].shape == (128,)
+        assert ref["sigma"].dtype == np.float64 and ref["sigma"].shape == (128, 128)
+    assert json.loads(stdout)["num_images"] == N
+
+    out_img = tmp_path / "ref_images.npz"
+    rc, _, err = _cli(capsys, ["ref", str(data["a"]), "--out", str(out_img), "--features", "digits", "--with-images",
+                               "--batch-size", "33"])
+    assert rc == 0, err
+    with np.load(out_img) as ref:
+        assert sorted(ref.files) == ["arr_0", "mu", "sigma"]
+        assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (N, 16, 16, 3)
+        np.testing.assert_array_equal(ref["arr_0"], np.repeat(data["u8_a"], 3, axis=-1))
+    assert sorted(os.listdir(tmp_path)) == ["ref.npz", "ref_images.npz"]  # no temporary files left
+
+    fid_folder = compute_metrics(data["b"], data["a"], features="digits")["frechet_inception_distance"]
+    for ref in (out, out_img):
+        rc, stdout, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(ref), "--features", "digits"])
+        assert rc == 0, err
+        fid_file = json.loads(stdout)["frechet_inception_distance"]
+        # ref_images.npz was made with batch size 33: float32 features differ in the last bits
+        assert _rel(fid_file, fid_folder) < 1e-7, (ref.name, fid_file, fid_folder)
+    # the images inside ref_images.npz make KID computable; a stats-only file does not
+    kid = compute_metrics(data["b"], out_img, metrics=("kid",), features="digits", kid_subsets=10)
+    assert kid["kernel_inception_distance_mean"] > 0
+    rc, _, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(out), "--features", "digits",
+                               "--metrics", "fid,kid"])
+    assert rc == 2 and "need the reference images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dataset_config_source(tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  name: digits\n  resolution: 16\n  channels: 1\n")
+    source = open_source(config, split="test")
+    assert len(source) == 360
+    first = next(iter(source.batches(50)))
+    expected = to_uint8(DigitsDataset("test", resolution=16).images[:50])
+    assert first.dtype == torch.uint8 and first.shape == (50, 3, 16, 16)
+    assert torch.equal(first, torch.from_numpy(np.repeat(expected, 3, axis=-1)).permute(0, 3, 1, 2))
+    assert sum(b.shape[0] for b in source.batches(128)) == 360
+
+
+def test_stream_npz_and_read_statistics(data, tmp_path):
+    source = open_source(data["npz_a"])
+    batches = list(source.batches(64))
+    assert [b.shape[0] for b in batches] == [64, 64, 64, 8]
+    np.testing.assert_array_equal(torch.cat(batches).permute(0, 2, 3, 1)[..., :1].numpy(), data["u8_a"])
+    out = tmp_path / "r.npz"
+    write_reference(source, out, build_extractor("digits", features=["penultimate"]), batch_size=50)
+    mu, sigma = read_statistics(out)
+    feats = extract(build_extractor("digits"), source.batches(200), keep=("penultimate",)).kept("penultimate")
+    mu_ref, sigma_ref = feature_statistics(feats)
+    assert np.allclose(mu, mu_ref, rtol=1e-6, atol=1e-9) and np.allclose(sigma, sigma_ref, rtol=1e-5, atol=1e-9)
+    assert abs(frechet_distance(mu, sigma, mu_ref, sigma_ref)) < 1e-6
+
+
+def _bad_folder_empty(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no images here")
+    return folder, "no images found"
+
+
+def _bad_folder_mixed(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "b.png")
+    return folder, "different sizes"
+
+
+def _bad_folder_corrupt(tmp_path):
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "a.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder, "broken.png"
+
+
+def _bad_folder_truncated(tmp_path):
+    # a valid header, so the folder scan passes; decoding fails mid-run, after the output file was started
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    noise = np.random.RandomState(0).randint(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "3_cut.png")
+    data = (folder / "3_cut.png").read_bytes()
+    (folder / "3_cut.png").write_bytes(data[: len(data) // 2])
+    return folder, "3_cut.png"
+
+
+@pytest.mark.parametrize("make", [_bad_folder_empty, _bad_folder_mixed, _bad_folder_corrupt, _bad_folder_truncated])
+def test_bad_image_folders(capsys, tmp_path, data, make):
+    folder, expected = make(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rc, stdout, err = _cli(capsys, ["ref", str(folder), "--out", str(out_dir / "ref.npz"), "--features", "digits"])
+    assert rc == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert os.listdir(out_dir) == []
+    rc, _, err = _cli(capsys, ["eval", "fid", str(folder), "--ref", str(data["a"]), "--features", "digits"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err
+
+
+def test_stats_file_without_mu(capsys, tmp_path, data):
+    bad = tmp_path / "stats.npz"
+    np.savez(bad, sigma=np.eye(128))
+    rc, stdout, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(bad), "--features", "digits"])
+    assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert str(bad) in err and "'mu'" in err
+
+
+def test_unknown_metric_and_features(capsys, data):
+    rc, _, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(data["a"]), "--metrics", "fid,bogus"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "bogus" in err and "fid, isc, kid, prc" in err
+    rc, _, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(data["a"]), "--features", "clip"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "inception, digits" in err
+
+
+def test_inception_without_weights_is_refused(capsys, tmp_path, data, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    assert not inception_hub_file().exists()
+    out = tmp_path / "ref.npz"
+    for argv in (["eval", "fid", str(data["a"]), "--ref", str(data["b"])], ["ref", str(data["a"]), "--out", str(out)]):
+        rc, stdout, err = _cli(capsys, argv)
+        assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+        assert "--inception-weights" in err and inception_hub_file().name in err
+    assert not out.exists() and not (tmp_path / "torch_home").exists()
+
+
+def test_pickled_inception_weights_are_refused(capsys, tmp_path, data):
+    weights = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "payload": NotATensor()}, weights)
+    out = tmp_path / "ref.npz"
+    for argv in (["eval", "fid", str(data["a"]), "--ref", str(data["b"]), "--inception-weights", str(weights)],
+                 ["ref", str(data["a"]), "--out", str(out), "--inception-weights", str(weights)]):
+        rc, stdout, err = _cli(capsys, argv)
+        assert rc == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+        assert str(weights) in err and "weights_only" in err
+    assert not out.exists()
+
+
+def test_inception_from_local_weights_file(tmp_path):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        """torch-fidelity's Inception-v3 that keeps its random initialisation (loads nothing)."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    weights = tmp_path / "inception_random.pth"
+    torch.save(model.state_dict(), weights)
+    del model
+
+    extractor = build_extractor("inception", weights=weights)
+    x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    acc = extract(extractor, [x], keep=("2048", "logits_unbiased"))
+    feats = acc.kept("2048")
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert acc.kept("logits_unbiased").shape == (2, 1008)

@@ -1,0 +1,90 @@
+"""`genvis eval sample-fid`: the same N images for 1 or 2 processes, and after a SIGKILL + rerun."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from genvis.cli import main
+from genvis.evaluation.distributed import label_list
+from genvis.models.dit import DiT
+
+ARGS = ["--sampler", "ddim", "--steps", "4", "--precision", "fp32", "--batch-size", "3", "--shard-size", "4",
+        "--labels", "uniform", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                learn_sigma=False, prediction_type="v")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("m") / "model"
+    model.save_pretrained(str(path))
+    return path
+
+
+def cli(*args):
+    return [sys.executable, "-m", "genvis", "eval", "sample-fid", *map(str, args)]
+
+
+def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path):
+    assert main(["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "one"), *ARGS]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # torchrun's parser would take --num for its own --numa-binding: pass the arguments through a script
+    script = tmp_path / "launch.py"
+    argv = ["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "two"), *ARGS]
+    script.write_text(f"import sys\nfrom genvis.cli import main\nsys.exit(main({argv!r}))\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                           str(script)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[process 1]" in proc.stdout  # both processes sampled shards
+    one, two = (np.load(tmp_path / d / "samples.npz") for d in ("one", "two"))
+    assert one["arr_0"].shape == (18, 8, 8, 3) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert np.array_equal(one["labels"], label_list(18, 10, "uniform", 5))
+    # sample i is generate()'s sample i, whatever the shard and batch it fell in
+    from genvis import load_model
+    from genvis.generate import generate, to_uint8
+
+    ref = generate(load_model(model_dir), torch.from_numpy(one["labels"]), seed=5, sampler="ddim", steps=4,
+                   precision="fp32", batch_size=18)
+    assert np.array_equal(np.repeat(to_uint8(ref), 3, axis=-1), one["arr_0"])
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(model_dir, tmp_path):
+    common = ["--num", "80", *ARGS[:-2], "--seed", "5", "--steps", "60"]
+    assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "full"), *common]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(model_dir, "--out", killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def shards():
+        return len(list((killed / "shards").glob("shard_*.npz"))) if (killed / "shards").exists() else 0
+
+    deadline = time.time() + 120
+    while time.time() < deadline and shards() < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill"
+    done = sorted(p.name for p in (killed / "shards").glob("shard_*.npz"))
+    assert 2 <= len(done) < 20 and not (killed / "samples.npz").exists()
+    assert main(["eval", "sample-fid", str(model_dir), "--out", str(killed), *common]) == 0
+    a, b = np.load(tmp_path / "full" / "samples.npz"), np.load(killed / "samples.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert not list(killed.glob(".*")) and not list((killed / "shards").glob(".*"))  # no temporary files left
+
+
+def test_other_settings_on_an_existing_run_are_refused(model_dir, tmp_path, capsys):
+    assert main(["eval", "sample-fid", str(model_dir), "--num", "4", "--out", str(tmp_path / "r"), *ARGS]) == 0
+    assert main(["eval", "sample-fid", str(model_dir), "--num", "4", "--out", str(tmp_path / "r"), *ARGS[:-1], "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed: 5 -> 6" in err[0]
+    assert main(["eval", "sample-fid", str(model_dir), "--num", "4", "--out", str(tmp_path / "x"), "--labels", "even"]) == 2
