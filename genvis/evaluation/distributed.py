@@ -9,6 +9,9 @@ labels, indices), written under a temporary name and renamed, so a killed run le
 shards and a rerun samples the missing ones only. The settings of the run are recorded in
 `run.json`; a rerun with other settings stops instead of mixing two sample sets.
 
+With a reference, each process also runs the feature extractor on its own shards and writes
+`shards/features_<extractor>_000012.npz` (atomically, skipped when present); the main process gathers
+them in shard order into one float64 accumulator, so the metric is the same for any process count.
 When every shard exists, the main process assembles `samples.npz` (ADM style: arr_0 + labels) shard by
 shard through a memory-mapped array, so memory stays bounded by one shard, not by N.
 """
@@ -44,6 +47,10 @@ def shard_ranges(num: int, shard_size: int) -> List[Tuple[int, int, int]]:
 
 def shard_path(out: Path, k: int) -> Path:
     return out / "shards" / f"shard_{k:06d}.npz"
+
+
+def features_path(out: Path, k: int, features: str) -> Path:
+    return out / "shards" / f"features_{features}_{k:06d}.npz"
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
@@ -94,6 +101,42 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
         if progress:
             print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
     return written
+
+
+def shard_features(out: Path, num: int, shard_size: int, *, rank: int, world: int, metrics, features: str,
+                   weights=None, device="cpu", batch_size: int = 64) -> None:
+    """Extract the features the metrics need from this process's shards (missing feature files only)."""
+    import torch
+
+    from genvis.evaluation.features import build_extractor, extract
+    from genvis.evaluation.reference import feature_layers
+
+    layers = feature_layers(metrics, features)
+    todo = [(k, a, b) for k, a, b in shard_ranges(num, shard_size)
+            if k % world == rank and not features_path(out, k, features).is_file()]
+    if not todo:
+        return
+    extractor = build_extractor(features, weights=weights, device=device, features=layers)
+    for k, start, stop in todo:
+        images = torch.from_numpy(np.load(shard_path(out, k))["arr_0"]).permute(0, 3, 1, 2)
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        acc = extract(extractor, batches, keep=layers)
+        _atomic_npz(features_path(out, k, features), **{name: acc.kept(name).numpy() for name in layers})
+
+
+def gather_features(out: Path, num: int, shard_size: int, metrics, features: str):
+    """One accumulator over every shard's features, added in shard order."""
+    import torch
+
+    from genvis.evaluation.reference import accumulator_for
+
+    acc = accumulator_for(metrics, features)
+    for k, _, _ in shard_ranges(num, shard_size):
+        with np.load(features_path(out, k, features)) as f:
+            acc.update({name: torch.from_numpy(f[name]) for name in acc.names})
+    return acc
 
 
 def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
@@ -157,8 +200,18 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     state.wait_for_everyone()
     if not state.is_main_process:
         check_settings(out, settings, False)
-    sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=state.process_index,
-                  world=state.num_processes, batch_size=batch_size, progress=progress, **generate_options)
+    if ref is not None:  # fail on a bad metric, feature set or weights file before sampling
+        from genvis.evaluation.features import build_extractor, check_feature_set
+        from genvis.evaluation.reference import check_metrics, feature_layers
+
+        metrics = check_metrics(metrics)
+        build_extractor(check_feature_set(features), weights=weights, device="cpu", features=feature_layers(metrics, features))
+    rank, world = state.process_index, state.num_processes
+    sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world, batch_size=batch_size,
+                  progress=progress, **generate_options)
+    if ref is not None:
+        shard_features(out, num, shard_size, rank=rank, world=world, metrics=metrics, features=features, weights=weights,
+                       device=str(state.device), batch_size=batch_size)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -168,7 +221,9 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     from genvis.evaluation.reference import compute_metrics
     from genvis.training.checkpoint import write_json_atomic
 
-    result = compute_metrics(str(samples), ref, metrics=metrics, features=features, weights=weights, batch_size=batch_size)
+    gathered = gather_features(out, num, shard_size, metrics, features)
+    result = compute_metrics(None, ref, metrics=metrics, features=features, weights=weights, batch_size=batch_size,
+                             sample_features=gathered)
     result = {**result, "samples": str(samples)}
     write_json_atomic(out / "metrics.json", result)
     return result

@@ -352,10 +352,24 @@ def check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:
     return metrics
 
 
+def feature_layers(metrics: Sequence[str], features: str) -> list:
+    """The extractor outputs the metrics need: the statistics layer, plus the logits for IS."""
+    layers = [STATS_LAYER[features]] + ([LOGITS_LAYER[features]] if "isc" in metrics else [])
+    return list(dict.fromkeys(layers))
+
+
+def accumulator_for(metrics: Sequence[str], features: str) -> FeatureAccumulator:
+    """What to keep of the samples' features: statistics for FID, every feature for KID/PRC, logits for IS."""
+    stats_layer, logits_layer = STATS_LAYER[features], LOGITS_LAYER[features]
+    image_metrics = any(m in ("kid", "prc") for m in metrics)
+    return FeatureAccumulator(stats=(stats_layer,) if "fid" in metrics else (),
+                              keep=((stats_layer,) if image_metrics else ()) + ((logits_layer,) if "isc" in metrics else ()))
+
+
 def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), features: str = "inception",
                     weights=None, batch_size: int = 64, device="cpu", split: str = "train",
                     kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
-                    prc_neighborhood: int = 3, rng_seed: int = 2020) -> dict:
+                    prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None) -> dict:
     """FID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions.
 
     Args:
@@ -367,6 +381,9 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
         weights: extractor weights file (see `build_extractor`).
         kid_subsets, kid_subset_size (capped at the smaller N), isc_splits (capped at N),
         prc_neighborhood, rng_seed: as torch-fidelity's kwargs of the same names and defaults.
+        sample_features: the samples' features already extracted (a FeatureAccumulator holding what
+            `accumulator_for(metrics, features)` asks for, e.g. gathered from the shards of a sharded
+            run); `samples` is then not read.
 
     Returns:
         {"frechet_inception_distance", "inception_score_mean", "inception_score_std",
@@ -395,13 +412,11 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
             ref_source = open_source(ref) if image_metrics else None
         else:
             ref_source = open_source(ref, split=split)
-    samples = open_source(samples, split=split)
-
-    layers = [stats_layer] + ([logits_layer] if "isc" in metrics else [])
-    extractor = build_extractor(features, weights=weights, device=device, features=list(dict.fromkeys(layers)))
-    sample_acc = extract(extractor, samples.batches(batch_size), FeatureAccumulator(
-        stats=(stats_layer,) if "fid" in metrics else (),
-        keep=((stats_layer,) if image_metrics else ()) + ((logits_layer,) if "isc" in metrics else ())))
+    extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
+    if sample_features is None:
+        sample_acc = extract(extractor, open_source(samples, split=split).batches(batch_size), accumulator_for(metrics, features))
+    else:
+        sample_acc = sample_features
     result = {}
     if ref_source is not None:
         ref_acc = extract(extractor, ref_source.batches(batch_size), FeatureAccumulator(

@@ -35,12 +35,18 @@ def cli(*args):
     return [sys.executable, "-m", "genvis", "eval", "sample-fid", *map(str, args)]
 
 
-def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path):
-    assert main(["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "one"), *ARGS]) == 0
+def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8))
+    metric_args = ["--ref", str(ref), "--features", "digits", "--metrics", "fid,kid,prc,isc"]
+    assert main(["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "one"), *ARGS, *metric_args]) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     # torchrun's parser would take --num for its own --numa-binding: pass the arguments through a script
     script = tmp_path / "launch.py"
-    argv = ["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "two"), *ARGS]
+    argv = ["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "two"), *ARGS, *metric_args]
     script.write_text(f"import sys\nfrom genvis.cli import main\nsys.exit(main({argv!r}))\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                            str(script)], capture_output=True, text=True, env=env)
@@ -54,9 +60,20 @@ def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path):
     from genvis import load_model
     from genvis.generate import generate, to_uint8
 
-    ref = generate(load_model(model_dir), torch.from_numpy(one["labels"]), seed=5, sampler="ddim", steps=4,
-                   precision="fp32", batch_size=18)
-    assert np.array_equal(np.repeat(to_uint8(ref), 3, axis=-1), one["arr_0"])
+    images = generate(load_model(model_dir), torch.from_numpy(one["labels"]), seed=5, sampler="ddim", steps=4,
+                      precision="fp32", batch_size=18)
+    assert np.array_equal(np.repeat(to_uint8(images), 3, axis=-1), one["arr_0"])
+    # features extracted per shard by each process and gathered: the same metrics for 1 and 2 processes,
+    # and the metrics of `genvis eval fid` on the assembled file
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    keys = ("frechet_inception_distance", "kernel_inception_distance_mean", "precision", "recall", "inception_score_mean")
+    assert all(m1[k] == m2[k] for k in keys), (m1, m2)
+    capsys.readouterr()
+    assert main(["eval", "fid", str(tmp_path / "one" / "samples.npz"), *metric_args]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    for k in keys:
+        assert abs(direct[k] - m1[k]) <= 1e-5 * max(1.0, abs(m1[k])), (k, direct[k], m1[k])
+    assert m1["num_samples"] == 18
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(model_dir, tmp_path):
