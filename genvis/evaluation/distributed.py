@@ -177,8 +177,8 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
 
 def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode: str = "balanced", seed: int = 0,
                    shard_size: int = 1000, batch_size: int = 64, metrics=("fid",), features: str = "inception",
-                   weights: Optional[str] = None, device: Optional[str] = None, progress: bool = True,
-                   **generate_options) -> Optional[Dict]:
+                   weights: Optional[str] = None, device: Optional[str] = None, vae: Optional[str] = None,
+                   progress: bool = True, **generate_options) -> Optional[Dict]:
     """Sample N images over all Accelerate processes, resumably, then (main process) assemble samples.npz
     and compute the metrics against `ref`. Returns the metrics on the main process (None elsewhere)."""
     from accelerate import PartialState
@@ -190,10 +190,14 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         raise GenvisError("--num, --shard-size and --batch-size must be >= 1")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(out)
-    model = load_model(model_path, device=device or str(state.device))
+    from genvis.tokenizers import tokenizer_for_model
+
+    device = device or str(state.device)
+    model = load_model(model_path, device=device)
+    tokenizer = tokenizer_for_model(model, vae, device=device)  # decodes latents; the identity for pixel models
     labels = label_list(num, model.num_classes, label_mode, seed)
     settings = {"model": str(Path(model_path).resolve()), "num": num, "labels": label_mode, "seed": seed,
-                "shard_size": shard_size, **generate_options}
+                "shard_size": shard_size, "vae": vae, **generate_options}
     settings = json.loads(json.dumps(settings, default=str))
     if state.is_main_process:
         check_settings(out, settings, True)
@@ -208,7 +212,7 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         build_extractor(check_feature_set(features), weights=weights, device="cpu", features=feature_layers(metrics, features))
     rank, world = state.process_index, state.num_processes
     sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world, batch_size=batch_size,
-                  progress=progress, **generate_options)
+                  progress=progress, tokenizer=tokenizer, **generate_options)
     if ref is not None:
         shard_features(out, num, shard_size, rank=rank, world=world, metrics=metrics, features=features, weights=weights,
                        device=str(state.device), batch_size=batch_size)
