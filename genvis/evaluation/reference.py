@@ -48,8 +48,8 @@ def _to_nchw3(images_nhwc: np.ndarray, what: str) -> torch.Tensor:
 class FolderSource:
     """PNG/JPEG files directly in a folder (not recursive), sorted by file name, as RGB uint8.
 
-    The constructor reads every file's header: an empty folder, mixed image sizes or a file PIL
-    cannot open raise GenvisError naming the folder or file. Pixels are decoded batch by batch.
+    An empty folder, an image of another size than the first, or a file PIL cannot decode raise
+    GenvisError naming the folder or file, when that file is reached. Pixels are decoded batch by batch.
     """
 
     def __init__(self, path: Union[str, Path]):
@@ -62,17 +62,11 @@ class FolderSource:
         self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS)
         if not self.files:
             raise GenvisError(f"{self.path}: no images found; expected {'/'.join(FOLDER_EXTENSIONS)} files in the folder")
-        sizes = {}
-        for file in self.files:
-            try:
-                with Image.open(file) as image:
-                    sizes.setdefault(image.size, file)
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-                raise GenvisError(f"{file}: cannot read image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-        if len(sizes) > 1:
-            listed = "; ".join(f"{w}x{h} ({f.name})" for (w, h), f in list(sizes.items())[:3])
-            raise GenvisError(f"{self.path}: images of different sizes ({listed}); all must share one size")
-        (self.width, self.height), = sizes
+        try:  # the first file's header gives the size every other image must have (checked as decoded)
+            with Image.open(self.files[0]) as image:
+                self.width, self.height = image.size
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            raise GenvisError(f"{self.files[0]}: cannot read image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -86,14 +80,27 @@ class FolderSource:
         except Exception as err:
             raise GenvisError(f"{file}: cannot read image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if array.shape[:2] != (self.height, self.width):
-            raise GenvisError(f"{file}: image is {array.shape[1]}x{array.shape[0]}, the others {self.width}x{self.height}")
+            raise GenvisError(f"{self.path}: images of different sizes ({self.width}x{self.height} ({self.files[0].name}); "
+                              f"{array.shape[1]}x{array.shape[0]} ({file.name})); all must share one size")
         return array
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """uint8 [B, 3, H, W] batches in file-name order."""
-        for start in range(0, len(self.files), batch_size):
-            chunk = np.stack([self._load(f) for f in self.files[start : start + batch_size]])
-            yield _to_nchw3(chunk, str(self.path))
+        """uint8 [B, 3, H, W] batches in file-name order. Files are decoded by a small thread pool (PIL
+        releases the GIL while inflating), one batch ahead of the consumer, so decoding overlaps the
+        feature extractor; at most two batches are in memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = range(0, len(self.files), batch_size)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            def decode(start):
+                return list(pool.map(self._load, self.files[start : start + batch_size]))
+
+            with ThreadPoolExecutor(max_workers=1) as ahead:
+                pending = ahead.submit(decode, starts[0]) if len(starts) else None
+                for i in range(len(starts)):
+                    arrays = pending.result()
+                    pending = ahead.submit(decode, starts[i + 1]) if i + 1 < len(starts) else None
+                    yield _to_nchw3(np.stack(arrays), str(self.path))
 
 
 class NpzSource:
