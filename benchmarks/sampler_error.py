@@ -48,7 +48,7 @@ import genvis.samplers
 from genvis.diffusion.schedules import make_schedule
 from genvis.registry import SAMPLERS
 from genvis.samplers import sample
-from genvis.samplers.search import search_grid
+from genvis.samplers.search import reference_error_score, search_grid
 
 NFES = (5, 10, 20)
 SEARCHED = ("unipc", "dpmpp-2m", "dpmpp-3m")  # samplers whose grid is also searched
@@ -223,9 +223,7 @@ def searched_table(model, z, ref, names: list) -> list:
     rows = []
     for name in [n for n in SEARCHED if n in names]:
         for nfe in NFES:
-            def score(grid):
-                return rms(run(model, z_search, model.schedule, name, nfe, grid=grid)[0], ref_search)
-
+            score = reference_error_score(model, model.schedule, "eps", name, z_search, ref_search)
             grid, search_score, history = search_grid(score, model.schedule, nfe, population=16, generations=20, seed=0)
             out, calls = run(model, z, model.schedule, name, nfe, grid=grid)
             rows.append({"sampler": name, "grid": "searched", "target_nfe": nfe, "nfe": calls, "error": rms(out, ref),

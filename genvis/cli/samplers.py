@@ -78,15 +78,13 @@ def run(args) -> int:
 
 
 def run_search(args) -> int:
-    import torch
-
     from genvis.cli.options import parse_pairs
     from genvis.diffusion.schedules import schedule_for_model
     from genvis.errors import GenvisError
     from genvis.generate import class_labels, generate
     from genvis.models import load_model
     from genvis.samplers import check_options, get_sampler
-    from genvis.samplers.search import save_grid_json, search_grid
+    from genvis.samplers.search import rms_score, save_grid_json, search_grid
 
     if not args.out.endswith(".json"):
         raise GenvisError(f"--out {args.out}: expected a .json file")
@@ -111,9 +109,7 @@ def run_search(args) -> int:
     if args.metric == "reference":
         print(f"reference solution: rk45, tolerance {args.reference_tol:g} ...", flush=True)
         ref = generate(model, labels, sampler="rk45", steps=1, rtol=args.reference_tol, atol=args.reference_tol, **common)
-
-        def score(grid):
-            return float(torch.sqrt(torch.mean((run_grid(grid, **options).double() - ref.double()) ** 2)))
+        score = rms_score(lambda grid: run_grid(grid, **options), ref)
     else:
         from genvis.evaluation.digits import digits_metrics
 

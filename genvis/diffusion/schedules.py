@@ -48,7 +48,8 @@ def sit_time(t: torch.Tensor) -> torch.Tensor:
     return 1.0 - t
 
 
-def _f64(t) -> torch.Tensor:
+def f64(t) -> torch.Tensor:
+    """t as a float64 tensor (schedule quantities are computed in float64)."""
     return torch.as_tensor(t, dtype=torch.float64)
 
 
@@ -96,12 +97,12 @@ class Schedule:
     def prior_std(self, t: float) -> float:
         """Scale of the starting noise at time t: x_t = prior_std * N(0, I). sqrt(alpha^2 + sigma^2)
         is the std of x_t for unit-variance data; it is exactly 1 for VP and for flow at t = 1."""
-        alpha, sigma = self.alpha_sigma(_f64(t))
+        alpha, sigma = self.alpha_sigma(f64(t))
         return float(torch.sqrt(alpha**2 + sigma**2))
 
     def normalized_time(self, t) -> torch.Tensor:
         """0 at the data end, 1 at the noise end (the units of guidance intervals)."""
-        return (_f64(t) - self.data_end) / (self.noise_end - self.data_end)
+        return (f64(t) - self.data_end) / (self.noise_end - self.data_end)
 
     def to_model_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the network's timestep embedder sees for schedule time t."""
@@ -115,7 +116,7 @@ class DiscreteVPSchedule(Schedule):
     discrete = True
 
     def __init__(self, betas: torch.Tensor, name: str = "linear"):
-        betas = _f64(betas)
+        betas = f64(betas)
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D sequence of values in (0, 1)")
         self.name = name
@@ -129,7 +130,7 @@ class DiscreteVPSchedule(Schedule):
         self.t_min = 0.0
 
     def log_alpha_bar(self, t) -> torch.Tensor:
-        t = _f64(t)
+        t = f64(t)
         pos = (t + 1.0).clamp(0.0, float(self.num_timesteps))
         lo = pos.floor().long().clamp(max=self.num_timesteps - 1)
         frac = pos - lo
@@ -145,7 +146,7 @@ class DiscreteVPSchedule(Schedule):
         return 0.5 * (log_abar - torch.log(-torch.expm1(log_abar)))
 
     def t_of_log_snr(self, lam):
-        log_abar = -F.softplus(-2.0 * _f64(lam))  # alpha_bar = sigmoid(2 lambda)
+        log_abar = -F.softplus(-2.0 * f64(lam))  # alpha_bar = sigmoid(2 lambda)
         table = -self._log_abar  # ascending in the index
         pos = torch.searchsorted(table, -log_abar).clamp(1, self.num_timesteps)
         lo, hi = table[pos - 1], table[pos]
@@ -153,7 +154,7 @@ class DiscreteVPSchedule(Schedule):
         return (pos - 1).double() + frac - 1.0
 
     def alpha_sigma_derivatives(self, t):
-        t = _f64(t)
+        t = f64(t)
         pos = (t + 1.0).clamp(0.0, float(self.num_timesteps) - 1e-9)
         lo = pos.floor().long()
         slope = self._log_abar[lo + 1] - self._log_abar[lo]  # d log(alpha_bar) / dt on this piece
@@ -178,7 +179,7 @@ class ContinuousVPSchedule(Schedule):
         self._log_alpha0 = math.log(math.cos(math.pi / 2 * cosine_s / (1 + cosine_s)))
 
     def log_alpha(self, t) -> torch.Tensor:
-        t = _f64(t)
+        t = f64(t)
         if self.kind == "linear":
             return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
         return (torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_alpha0).clamp(max=0.0)
@@ -192,14 +193,14 @@ class ContinuousVPSchedule(Schedule):
         return log_alpha - 0.5 * torch.log(-torch.expm1(2 * log_alpha))
 
     def t_of_log_snr(self, lam):
-        log_alpha = -0.5 * F.softplus(-2.0 * _f64(lam))
+        log_alpha = -0.5 * F.softplus(-2.0 * f64(lam))
         if self.kind == "linear":
             b0, db = self.beta_min, self.beta_max - self.beta_min
             return (-b0 + torch.sqrt(b0**2 - 4 * db * log_alpha)) / db
         return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha0)) - self.s
 
     def alpha_sigma_derivatives(self, t):
-        t = _f64(t)
+        t = f64(t)
         alpha, sigma = self.alpha_sigma(t)
         if self.kind == "linear":
             dlog_alpha = -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
@@ -223,14 +224,14 @@ class FlowSchedule(Schedule):
         self.shift = float(shift)
 
     def alpha_sigma(self, t):
-        t = _f64(t)
+        t = f64(t)
         return 1.0 - t, t
 
     def t_of_log_snr(self, lam):
-        return torch.sigmoid(-_f64(lam))
+        return torch.sigmoid(-f64(lam))
 
     def alpha_sigma_derivatives(self, t):
-        t = _f64(t)
+        t = f64(t)
         return -torch.ones_like(t), torch.ones_like(t)
 
 
@@ -244,14 +245,14 @@ class EDMSchedule(Schedule):
         self.t_min, self.noise_end = float(sigma_min), float(sigma_max)
 
     def alpha_sigma(self, t):
-        t = _f64(t)
+        t = f64(t)
         return torch.ones_like(t), t
 
     def t_of_log_snr(self, lam):
-        return torch.exp(-_f64(lam))
+        return torch.exp(-f64(lam))
 
     def alpha_sigma_derivatives(self, t):
-        t = _f64(t)
+        t = f64(t)
         return torch.zeros_like(t), torch.ones_like(t)
 
     def prior_std(self, t: float) -> float:

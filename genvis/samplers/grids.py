@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from genvis.diffusion.schedules import DiscreteVPSchedule, Schedule, flow_shift
+from genvis.diffusion.schedules import DiscreteVPSchedule, Schedule, f64, flow_shift
 from genvis.samplers.common import check_option_types
 
 
@@ -52,13 +52,9 @@ def space_timesteps(num_timesteps: int, count: int) -> List[int]:
     return sorted(set(taken))
 
 
-def _f64(values) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float64)
-
-
 def _close(schedule: Schedule, evals) -> torch.Tensor:
     """Model-evaluation times + the data end."""
-    return torch.cat([_f64(evals).flatten(), _f64([schedule.data_end])])
+    return torch.cat([f64(evals).flatten(), f64([schedule.data_end])])
 
 
 def _discrete(schedule: Schedule, steps: int, name: str) -> DiscreteVPSchedule:
@@ -116,8 +112,8 @@ def grid_default(schedule: Schedule, steps: int) -> torch.Tensor:
 def _log_snr_range(schedule: Schedule, steps: int):
     """(head, lambda_lo, lambda_hi, count): the grid is `head` (the noise end, when its log-SNR is
     -inf) followed by `count` points spread over [lambda_lo, lambda_hi], the last at t_min."""
-    lam_hi = float(schedule.log_snr(_f64(schedule.t_min)))
-    lam_lo = float(schedule.log_snr(_f64(schedule.noise_end)))
+    lam_hi = float(schedule.log_snr(f64(schedule.t_min)))
+    lam_lo = float(schedule.log_snr(f64(schedule.noise_end)))
     if math.isfinite(lam_lo):
         return [], lam_lo, lam_hi, steps
     # alpha = 0 at the noise end (flow): keep that point, then start at the mirror of t_min's log-SNR
@@ -127,8 +123,8 @@ def _log_snr_range(schedule: Schedule, steps: int):
 def grid_logsnr(schedule: Schedule, steps: int) -> torch.Tensor:
     """Uniform in lambda = log(alpha / sigma) down to t_min (DPM-Solver)."""
     head, lo, hi, n = _log_snr_range(schedule, steps)
-    lam = torch.linspace(lo, hi, n, dtype=torch.float64) if n > 1 else _f64([lo] * n)
-    return _close(schedule, torch.cat([_f64(head), schedule.t_of_log_snr(lam)]))
+    lam = torch.linspace(lo, hi, n, dtype=torch.float64) if n > 1 else f64([lo] * n)
+    return _close(schedule, torch.cat([f64(head), schedule.t_of_log_snr(lam)]))
 
 
 def grid_karras(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
@@ -139,7 +135,7 @@ def grid_karras(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tenso
     s_max, s_min = math.exp(-lo), math.exp(-hi)  # sigma / alpha
     ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(n, dtype=torch.float64)
     sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    return _close(schedule, torch.cat([_f64(head), schedule.t_of_log_snr(-torch.log(sig))]))
+    return _close(schedule, torch.cat([f64(head), schedule.t_of_log_snr(-torch.log(sig))]))
 
 
 def grid_shift(schedule: Schedule, steps: int, shift: Optional[float] = None) -> torch.Tensor:
@@ -152,9 +148,9 @@ def grid_shift(schedule: Schedule, steps: int, shift: Optional[float] = None) ->
         return flow_shift(grid_uniform(schedule, steps), shift)
     # the same warp on the flow-equivalent time tau = sigma / (alpha + sigma) = sigmoid(-lambda), normalised
     # to u in [0, 1] over [tau(t_min), tau(noise_end)] so both ends stay where they are
-    lam_end = schedule.log_snr(_f64([schedule.noise_end, schedule.t_min]))
+    lam_end = schedule.log_snr(f64([schedule.noise_end, schedule.t_min]))
     tau_hi, tau_lo = torch.sigmoid(-lam_end).tolist()
-    u = flow_shift(torch.linspace(1, 0, steps, dtype=torch.float64), shift) if steps > 1 else _f64([1.0])
+    u = flow_shift(torch.linspace(1, 0, steps, dtype=torch.float64), shift) if steps > 1 else f64([1.0])
     tau = tau_lo + u * (tau_hi - tau_lo)
     t = schedule.t_of_log_snr(torch.log1p(-tau) - torch.log(tau))
     t[0] = schedule.noise_end  # exact, not through the round trip
@@ -193,16 +189,16 @@ def load_grid_file(path, schedule: Optional[Schedule] = None) -> torch.Tensor:
         data = data["timesteps"]
     if not isinstance(data, list) or not all(isinstance(v, (int, float)) for v in data):
         raise ValueError(f"grid file {path}: 'timesteps' must be a list of numbers")
-    return _f64(data)
+    return f64(data)
 
 
 def check_grid(grid, schedule: Schedule, what: str = "grid") -> torch.Tensor:
     """Validate an explicit grid: strictly descending, inside [data_end, noise_end]; appends the data end."""
-    grid = _f64(grid).flatten()
+    grid = f64(grid).flatten()
     if len(grid) == 0:
         raise ValueError(f"{what}: empty")
     if float(grid[-1]) != schedule.data_end:
-        grid = torch.cat([grid, _f64([schedule.data_end])])
+        grid = torch.cat([grid, f64([schedule.data_end])])
     if len(grid) < 2:
         raise ValueError(f"{what}: needs at least one time before the data end {schedule.data_end:g}")
     if not bool((grid[:-1] > grid[1:]).all()):

@@ -85,7 +85,7 @@ class ClassifierFreeGuidance:
         self.schedule = schedule
         self.null_label = null_label
         self.guided = pred_channels if cfg.channels is None else min(cfg.channels, pred_channels)
-        self.calls = 0  # network evaluations per sample (a guided step counts 2)
+        self.calls = 0  # network evaluations since construction (a guided call counts 2)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.schedule is not None:

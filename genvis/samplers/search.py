@@ -183,19 +183,21 @@ def search_grid(
     return space.full(best), score(best), history
 
 
-def reference_error_score(model_fn: Callable, schedule: Schedule, prediction: str, sampler: str, noise: torch.Tensor,
-                          reference: torch.Tensor, **opts) -> Callable[[torch.Tensor], float]:
-    """score_fn(grid) = sqrt(mean((sample(model_fn, noise, grid=grid, ...) - reference)^2)).
-
-    `reference` is the solution for the same `noise` (e.g. a many-step high-order run, or a closed
-    form); opts go to genvis.samplers.sample (cfg, cond, null_label, learn_sigma, sampler options).
-    """
+def rms_score(run: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """score_fn(grid) = sqrt(mean((run(grid) - reference)^2)): `run` samples on a grid (from the same
+    noise as `reference`, e.g. a tight rk45 solution or a closed form)."""
     def score_fn(grid: torch.Tensor) -> float:
-        out = sample(model_fn, noise, sampler=sampler, steps=len(grid) - 1, schedule=schedule, prediction=prediction,
-                     grid=grid, **opts)
-        return float(torch.sqrt(torch.mean((out.double() - reference.double()) ** 2)))
+        return float(torch.sqrt(torch.mean((run(grid).double() - reference.double()) ** 2)))
 
     return score_fn
+
+
+def reference_error_score(model_fn: Callable, schedule: Schedule, prediction: str, sampler: str, noise: torch.Tensor,
+                          reference: torch.Tensor, **opts) -> Callable[[torch.Tensor], float]:
+    """rms_score of `sample(model_fn, noise, sampler=sampler, grid=grid, ...)`; opts go to
+    genvis.samplers.sample (cfg, cond, null_label, learn_sigma, sampler options)."""
+    return rms_score(lambda grid: sample(model_fn, noise, sampler=sampler, steps=len(grid) - 1, schedule=schedule,
+                                         prediction=prediction, grid=grid, **opts), reference)
 
 
 def save_grid_json(path, grid, schedule: Schedule, meta: Optional[dict] = None) -> None:

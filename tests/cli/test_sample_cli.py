@@ -13,13 +13,8 @@ from genvis.models.dit import DiT
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    with torch.no_grad():  # non-zero output layers, so samples depend on the labels and the noise
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+def model_dir(tmp_path_factory, random_dit):
+    model = random_dit(0)
     path = tmp_path_factory.mktemp("m") / "model"
     model.save_pretrained(str(path))
     return path
@@ -113,14 +108,9 @@ def test_grid_interval_and_options_reach_the_sampler(model_dir, tmp_path):
     assert not torch.equal(plain, imgs)  # the interval and schedule changed the result
 
 
-def test_stitch_and_cache_flags(model_dir, tmp_path):
+def test_stitch_and_cache_flags(model_dir, tmp_path, random_dit):
     """--stitch-small with fraction 1 is the small model alone; caching with refresh 1 is exact, refresh 2 differs."""
-    torch.manual_seed(1)
-    small = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    with torch.no_grad():
-        for p in small.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    small = random_dit(1)
     small.save_pretrained(str(tmp_path / "small"))
     sample(model_dir, tmp_path / "s.npz", "--num", "3", "--stitch-small", str(tmp_path / "small"), "--stitch-fraction", "1")
     sample(tmp_path / "small", tmp_path / "alone.npz", "--num", "3")

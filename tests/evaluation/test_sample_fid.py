@@ -11,21 +11,14 @@ import torch
 
 from genvis.cli import main
 from genvis.evaluation.distributed import label_list
-from genvis.models.dit import DiT
 
 ARGS = ["--sampler", "ddim", "--steps", "4", "--precision", "fp32", "--batch-size", "3", "--shard-size", "4",
         "--labels", "uniform", "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                learn_sigma=False, prediction_type="v")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+def model_dir(tmp_path_factory, random_dit):
+    model = random_dit(0, depth=2, learn_sigma=False, prediction_type="v")
     path = tmp_path_factory.mktemp("m") / "model"
     model.save_pretrained(str(path))
     return path

@@ -237,23 +237,13 @@ def test_step_cache_sampling_is_close_to_uncached():
     assert errors[10] / errors[40] > 2.5, errors  # ~4 for an error proportional to the step size
 
 
-def test_cache_and_stitch_do_not_leak_between_batches():
+def test_cache_and_stitch_do_not_leak_between_batches(random_dit):
     """generate() builds a fresh wrapper per batch: with the large model running only the last step,
     its step cache would otherwise reuse the previous batch's residual at the same time."""
     from genvis.generate import class_labels, generate
-    from genvis.models.dit import DiT
 
-    def random_dit(seed):
-        torch.manual_seed(seed)
-        m = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=10,
-                learn_sigma=False, prediction_type="v")
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.1)
-        return m
-
-    large, small = random_dit(0), random_dit(1)
+    config = dict(depth=3, learn_sigma=False, prediction_type="v")
+    large, small = random_dit(0, **config), random_dit(1, **config)
     labels = class_labels(4, 10)
     kw = dict(sampler="ddim", steps=5, precision="fp32", stitch_small=small, stitch_fraction=0.8, cache_refresh=2,
               cache_keep_blocks=1)

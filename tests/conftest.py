@@ -1,0 +1,24 @@
+"""Fixtures shared by the test folders."""
+import pytest
+import torch
+
+from genvis.models.dit import DiT
+
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def random_dit():
+    """make(seed=0, **config) -> a tiny DiT whose trainable weights are N(0, 0.1), so unlike the official
+    zero-initialised output layers its samples depend on the labels, the time and the noise."""
+
+    def make(seed: int = 0, **config) -> DiT:
+        torch.manual_seed(seed)
+        model = DiT(**{**TINY_DIT, **config})
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.1)
+        return model
+
+    return make
