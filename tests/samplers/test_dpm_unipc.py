@@ -223,8 +223,10 @@ def test_convergence_order_on_gaussian_data(schedule_name, prediction, sampler, 
 
 # ---------------------------------------------------------------- every schedule and prediction
 
-ODE_SAMPLERS = [("dpmpp-2m", {}), ("dpmpp-3m", {}), ("dpm-singlestep", {}), ("dpm-singlestep", {"order": 3}),
-                ("unipc", {}), ("unipc", {"variant": "bh1"}), ("unipc", {"order": 3})]
+# (sampler, options, bound on its RMS error / DDIM's on the same grid; the largest ratio measured over the
+# ten schedule/prediction cases, plus margin: 0.12, 0.10, 0.58, 0.16, 0.15, 0.49, 0.06)
+ODE_SAMPLERS = [("dpmpp-2m", {}, 0.2), ("dpmpp-3m", {}, 0.15), ("dpm-singlestep", {}, 0.7), ("dpm-singlestep", {"order": 3}, 0.25),
+                ("unipc", {}, 0.25), ("unipc", {"variant": "bh1"}, 0.6), ("unipc", {"order": 3}, 0.1)]
 SCHEDULE_PREDICTIONS = [("linear", "x0"), ("linear", "eps"), ("vp-linear", "x0"), ("vp-linear", "eps"),
                         ("cosine", "x0"), ("cosine", "eps"), ("flow", "x0"), ("flow", "velocity"),
                         ("edm", "x0"), ("edm", "eps")]
@@ -232,8 +234,8 @@ SCHEDULE_PREDICTIONS = [("linear", "x0"), ("linear", "eps"), ("vp-linear", "x0")
 
 @pytest.mark.parametrize("schedule_name,prediction", SCHEDULE_PREDICTIONS)
 def test_every_sampler_is_close_to_exact_at_20_steps(schedule_name, prediction):
-    """20 steps on the logSNR grid: the ODE solvers land within RMS 0.06 / max 0.25 of the exact answer
-    (DDIM: RMS 0.06-0.09), the SDE solver within sampling error of the exact marginal."""
+    """20 steps on the logSNR grid: every higher-order ODE solver has a fraction of first-order DDIM's RMS error
+    on the same grid (DDIM: 0.06-0.09), the SDE solver lands within sampling error of the exact marginal."""
     schedule = make_schedule(schedule_name)
     grid = make_grid("logsnr", schedule, 20)
     noise_ = torch.randn(4096, 1, generator=torch.Generator().manual_seed(1))
@@ -241,9 +243,10 @@ def test_every_sampler_is_close_to_exact_at_20_steps(schedule_name, prediction):
     ref = exact_x0_at(schedule, x_T, float(grid[0]), float(grid[-2]))
     run = lambda name, **kw: sample(exact_model(schedule, prediction), noise_, sampler=name, steps=20,
                                     schedule=schedule, prediction=prediction, grid=grid, **kw).double()
-    for name, options in ODE_SAMPLERS:
-        err = run(name, **options) - ref
-        assert err.pow(2).mean().sqrt() < 0.06 and err.abs().max() < 0.25, (name, options, err.abs().max())
+    ddim = (run("ddim") - ref).pow(2).mean().sqrt().item()
+    for name, options, bound in ODE_SAMPLERS:
+        rms = (run(name, **options) - ref).pow(2).mean().sqrt().item()
+        assert rms < bound * ddim, (name, options, rms, ddim)
     out = run("dpmpp-2m-sde", generator=torch.Generator().manual_seed(2))
     a, s = (float(v) for v in schedule.alpha_sigma(grid[-2]))
     std = S * a * S / math.hypot(a * S, s)  # of D(x, t_last) for x from the exact marginal
