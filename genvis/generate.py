@@ -6,6 +6,7 @@ on which batch it falls in, or on how many processes share the work.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -151,6 +152,32 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
+@contextlib.contextmanager
+def scratch_file(folder, suffix: str):
+    """A temporary file path in `folder` (e.g. for a memory-mapped .npy), removed on exit."""
+    fd, tmp = tempfile.mkstemp(prefix=".scratch.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_npz_atomic(path, **arrays) -> None:
+    """np.savez to a temporary file beside `path`, renamed when complete (removed on any error).
+    Memory-mapped arrays are written chunk by chunk, so a large arr_0 never sits in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
     """uint8 NHWC -> one PNG grid (2-px black padding), written atomically."""
     from PIL import Image
@@ -181,12 +208,8 @@ def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[
         save_grid(images_u8, out, nrow=nrow)
         return "grid"
     if out.suffix.lower() == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
         arr = np.repeat(images_u8, 3, axis=-1) if images_u8.shape[-1] == 1 else images_u8
-        tmp = _atomic_target(out)
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, out)
+        write_npz_atomic(out, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         return "npz"
     if out.exists() and not out.is_dir():
         raise GenvisError(f"{out}: exists and is not a directory; use a .png (grid), .npz or folder path")

@@ -3,20 +3,31 @@ from __future__ import annotations
 
 import json
 
-# Help text only; genvis.evaluation.features (torch, torch-fidelity) validates the names when a command runs.
-FEATURE_SETS = ("inception", "digits")
-METRICS = ("fid", "isc", "kid", "prc")
+from genvis.evaluation import FEATURE_SETS, METRICS
 
 
-def add_evaluation_options(p) -> None:
-    """--features, --inception-weights, --batch-size, --device (shared by `eval fid` and `ref`)."""
+def add_evaluation_options(p, device_default="cpu") -> None:
+    """--features, --inception-weights, --batch-size, --device (shared by `eval fid`, `eval sample-fid`, `ref`)."""
     p.add_argument("--features", default="inception", metavar="NAME",
                    help=f"feature space: {' | '.join(FEATURE_SETS)} (default inception; digits is offline)")
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="torch-fidelity Inception-v3 state dict (tensors only); needed offline unless it is in the "
                    "torch hub cache")
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
-    p.add_argument("--device", default="cpu", metavar="D", help="torch device for the feature extractor (default cpu)")
+    p.add_argument("--device", default=device_default, metavar="D",
+                   help=f"torch device for the feature extractor (default {device_default or 'the process device'})")
+
+
+def extractor_args(args) -> dict:
+    """{"features", "weights"} from checked --features / --batch-size; --inception-weights applies to the
+    inception features only."""
+    from genvis.errors import GenvisError
+    from genvis.evaluation.features import check_feature_set
+
+    check_feature_set(args.features)
+    if args.batch_size < 1:
+        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
+    return {"features": args.features, "weights": args.inception_weights if args.features == "inception" else None}
 
 
 def add_parser(subparsers) -> None:
@@ -58,16 +69,9 @@ def run_digits(args) -> int:
 
 
 def run_fid(args) -> int:
-    from genvis.evaluation.features import check_feature_set
-    from genvis.evaluation.reference import check_metrics, compute_metrics
-    from genvis.errors import GenvisError
+    from genvis.evaluation.reference import compute_metrics
 
-    metrics = check_metrics(args.metrics.split(","))
-    check_feature_set(args.features)
-    if args.batch_size < 1:
-        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
-    result = compute_metrics(args.samples, args.ref, metrics=metrics, features=args.features,
-                             weights=args.inception_weights if args.features == "inception" else None,
+    result = compute_metrics(args.samples, args.ref, metrics=args.metrics.split(","), **extractor_args(args),
                              batch_size=args.batch_size, device=args.device, split=args.split)
     print(json.dumps(result, indent=2))
     return 0

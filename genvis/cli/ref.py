@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from genvis.cli.eval import add_evaluation_options
+from genvis.cli.eval import add_evaluation_options, extractor_args
 
 
 def add_parser(subparsers) -> None:
@@ -23,16 +23,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from genvis.errors import GenvisError
-    from genvis.evaluation.features import STATS_LAYER, build_extractor, check_feature_set
+    from genvis.evaluation.features import STATS_LAYER, build_extractor
     from genvis.evaluation.reference import open_source, write_reference
 
-    check_feature_set(args.features)
-    if args.batch_size < 1:
-        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
+    chosen = extractor_args(args)
     source = open_source(args.data, split=args.split)
-    weights = args.inception_weights if args.features == "inception" else None
-    extractor = build_extractor(args.features, weights=weights, device=args.device,
+    extractor = build_extractor(chosen["features"], weights=chosen["weights"], device=args.device,
                                 features=[STATS_LAYER[args.features]])
     info = write_reference(source, args.out, extractor, batch_size=args.batch_size, include_images=args.with_images)
     print(json.dumps({**info, "features": args.features, "source": source.name}, indent=2))

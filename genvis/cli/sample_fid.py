@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from genvis.cli.eval import add_evaluation_options, extractor_args
+
 
 def add_parser(eval_subparsers) -> None:
     p = eval_subparsers.add_parser(
@@ -27,13 +29,11 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--cfg-channels", type=int, default=None)
     p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (the unit of resumption)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
     p.add_argument("--metrics", default="fid", help="comma-separated: fid,isc,kid,prc")
-    p.add_argument("--features", default="inception", help="inception | digits")
-    p.add_argument("--inception-weights", default=None, metavar="FILE")
+    add_evaluation_options(p, device_default=None)
     p.set_defaults(func=run)
 
 
@@ -54,7 +54,7 @@ def run(args) -> int:
         result = run_sample_fid(
             args.model, args.out, num=args.num, ref=args.ref, label_mode=args.labels, seed=args.seed,
             shard_size=args.shard_size, batch_size=args.batch_size, metrics=tuple(m for m in args.metrics.split(",") if m),
-            features=args.features, weights=args.inception_weights, vae=args.vae, sampler=args.sampler, steps=args.steps,
+            **extractor_args(args), device=args.device, vae=args.vae, sampler=args.sampler, steps=args.steps,
             grid=args.grid, cfg=args.cfg, cfg_channels=args.cfg_channels, precision=args.precision, **options,
         )
     except ValueError as err:

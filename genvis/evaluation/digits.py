@@ -80,7 +80,8 @@ def _shared_classifier() -> DigitsClassifier:
 
 
 def prepare_images(images) -> torch.Tensor:
-    """Any supported image batch -> the classifier's input, float32 [N, 1, 16, 16] in [-1, 1] (CPU).
+    """Any supported image batch -> the classifier's input, float32 [N, 1, 16, 16] in [-1, 1], on the
+    input's device.
 
     Accepts
         - float torch tensors (or float numpy arrays) NCHW in [-1, 1], C = 1 or 3, any H x W;
@@ -93,7 +94,7 @@ def prepare_images(images) -> torch.Tensor:
         raise GenvisError(f"images of type {type(images).__name__}: expected a torch tensor or numpy array")
     if x.ndim != 4:
         raise GenvisError(f"images of shape {tuple(x.shape)}: expected 4 dims, NCHW float or NHWC uint8")
-    x = x.detach().cpu()
+    x = x.detach()
     if x.dtype == torch.uint8:
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # NHWC -> NCHW in [-1, 1]
         layout = "NHWC uint8"

@@ -10,17 +10,17 @@ shards and a rerun samples the missing ones only. The settings of the run are re
 `run.json`; a rerun with other settings stops instead of mixing two sample sets.
 
 With a reference, each process also runs the feature extractor on its own shards and writes
-`shards/features_<extractor>_000012.npz` (atomically, skipped when present); the main process gathers
+`shards/features_<extractor>_000012.npz` (atomically; kept on a rerun only if it was made by the same
+extractor, feature names and weights, see `extractor_tag`); the main process gathers
 them in shard order into one float64 accumulator, so the metric is the same for any process count.
 When every shard exists, the main process assembles `samples.npz` (ADM style: arr_0 + labels) shard by
 shard through a memory-mapped array, so memory stays bounded by one shard, not by N.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -34,7 +34,9 @@ LABEL_MODES = ("balanced", "uniform")
 def label_list(num: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
     """The label of every sample index: balanced i % C, or uniform draws from a generator seeded by seed."""
     if mode == "balanced":
-        return np.arange(num, dtype=np.int64) % num_classes
+        from genvis.generate import class_labels
+
+        return class_labels(num, num_classes).numpy()
     if mode == "uniform":
         return np.random.default_rng([int(seed), 7]).integers(0, num_classes, size=num, dtype=np.int64)
     raise GenvisError(f"--labels {mode!r}: expected one of: {', '.join(LABEL_MODES)}")
@@ -51,18 +53,6 @@ def shard_path(out: Path, k: int) -> Path:
 
 def features_path(out: Path, k: int, features: str) -> Path:
     return out / "shards" / f"features_{features}_{k:06d}.npz"
-
-
-def _atomic_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
@@ -83,10 +73,11 @@ def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
 
 def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
                   batch_size: int, progress: bool = False, **generate_options) -> List[int]:
-    """Sample this process's missing shards; returns the shard numbers it wrote."""
+    """Sample this process's missing shards; returns the shard numbers it wrote. A shard sampled anew
+    drops any features extracted from an earlier file of that shard."""
     import torch
 
-    from genvis.generate import generate, to_uint8
+    from genvis.generate import generate, to_uint8, write_npz_atomic
 
     written = []
     mine = [s for s in shard_ranges(len(labels), shard_size) if s[0] % world == rank]
@@ -94,84 +85,91 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
         path = shard_path(out, k)
         if path.is_file():
             continue
+        for stale in (out / "shards").glob(f"features_*_{k:06d}.npz"):
+            stale.unlink()
         images = generate(model, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
                           batch_size=batch_size, **generate_options)
-        _atomic_npz(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
+        write_npz_atomic(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
         written.append(k)
         if progress:
             print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
     return written
 
 
-def shard_features(out: Path, num: int, shard_size: int, *, rank: int, world: int, metrics, features: str,
-                   weights=None, device="cpu", batch_size: int = 64) -> None:
-    """Extract the features the metrics need from this process's shards (missing feature files only)."""
-    import torch
-
-    from genvis.evaluation.features import build_extractor, extract
-    from genvis.evaluation.reference import feature_layers
-
-    layers = feature_layers(metrics, features)
-    todo = [(k, a, b) for k, a, b in shard_ranges(num, shard_size)
-            if k % world == rank and not features_path(out, k, features).is_file()]
-    if not todo:
-        return
-    extractor = build_extractor(features, weights=weights, device=device, features=layers)
-    for k, start, stop in todo:
-        images = torch.from_numpy(np.load(shard_path(out, k))["arr_0"]).permute(0, 3, 1, 2)
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
-        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-        acc = extract(extractor, batches, keep=layers)
-        _atomic_npz(features_path(out, k, features), **{name: acc.kept(name).numpy() for name in layers})
+def extractor_tag(extractor) -> str:
+    """What a feature file was made with: the extractor and its feature names, plus a digest of its
+    weights, so features from other weights or for other metrics are never reused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(extractor.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"{extractor.name}:{','.join(extractor.features_list)}:{digest.hexdigest()[:16]}"
 
 
-def gather_features(out: Path, num: int, shard_size: int, metrics, features: str):
-    """One accumulator over every shard's features, added in shard order."""
+def _features_match(path: Path, tag: str) -> bool:
+    if not path.is_file():
+        return False
+    with np.load(path) as f:
+        return "tag" in f.files and str(f["tag"]) == tag
+
+
+def shard_features(out: Path, num: int, shard_size: int, extractor, tag: str, *, rank: int, world: int,
+                   batch_size: int = 64) -> None:
+    """Extract `extractor`'s features from this process's shards, unless a file with the same
+    `extractor_tag` (extractor, feature names, weights) is already there."""
+    from genvis.evaluation.features import extract
+    from genvis.evaluation.reference import NpzSource
+    from genvis.generate import write_npz_atomic
+
+    layers = list(extractor.features_list)
+    for k, _, _ in shard_ranges(num, shard_size):
+        path = features_path(out, k, extractor.name)
+        if k % world != rank or _features_match(path, tag):
+            continue
+        acc = extract(extractor, NpzSource(shard_path(out, k)).batches(batch_size), keep=layers)
+        write_npz_atomic(path, tag=np.array(tag), **{name: acc.kept(name).numpy() for name in layers})
+
+
+def gather_features(out: Path, num: int, shard_size: int, extractor, tag: str, metrics, features: str):
+    """One accumulator over every shard's features (made by `extractor`, `tag`), added in shard order."""
     import torch
 
     from genvis.evaluation.reference import accumulator_for
 
     acc = accumulator_for(metrics, features)
     for k, _, _ in shard_ranges(num, shard_size):
-        with np.load(features_path(out, k, features)) as f:
+        path = features_path(out, k, extractor.name)
+        if not _features_match(path, tag):
+            raise GenvisError(f"{path}: missing or made by another extractor; rerun to extract it again")
+        with np.load(path) as f:
             acc.update({name: torch.from_numpy(f[name]) for name in acc.names})
     return acc
 
 
 def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
-    """Concatenate the shards into out/samples.npz (arr_0 uint8 NHWC RGB, labels) with bounded memory.
+    """Concatenate the shards into out/samples.npz (arr_0 uint8 NHWC RGB, labels) with bounded memory:
+    arr_0 is filled shard by shard in a scratch memory-mapped .npy, then written out chunk by chunk.
+    Every shard's indices and labels are checked against the run's list."""
+    from genvis.generate import scratch_file, write_npz_atomic
 
-    arr_0 is filled shard by shard in a memory-mapped .npy and stored uncompressed in the zip, which is
-    what np.load reads; every shard's indices and labels are checked against the run's list.
-    """
     ranges = shard_ranges(len(labels), shard_size)
     missing = [k for k, _, _ in ranges if not shard_path(out, k).is_file()]
     if missing:
         raise GenvisError(f"{out}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; rerun to finish them")
-    first = np.load(shard_path(out, 0))["arr_0"]
-    channels = 3 if first.shape[-1] == 1 else first.shape[-1]  # ADM files hold RGB: greyscale is repeated
     target = out / "samples.npz"
-    work = Path(tempfile.mkdtemp(prefix=".assemble.", dir=out))
-    try:
-        arr = np.lib.format.open_memmap(work / "arr_0.npy", mode="w+", dtype=np.uint8, shape=(len(labels),) + first.shape[1:-1] + (channels,))
+    with scratch_file(out, ".arr_0.npy") as scratch:
+        arr = None
         for k, start, stop in ranges:
             with np.load(shard_path(out, k)) as shard:
                 if not (np.array_equal(shard["indices"], np.arange(start, stop)) and np.array_equal(shard["labels"], labels[start:stop])):
                     raise GenvisError(f"{shard_path(out, k)}: holds other samples than the run's shard {k}; remove it and rerun")
-                arr[start:stop] = shard["arr_0"]  # broadcasts a greyscale channel to 3
+                images = shard["arr_0"]
+            if arr is None:  # ADM files hold RGB: a greyscale channel is broadcast to 3
+                arr = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels),) + images.shape[1:-1] + (3,))
+            arr[start:stop] = images
         arr.flush()
         del arr
-        np.save(work / "labels.npy", labels)
-        tmp = work / "samples.npz"
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-            z.write(work / "arr_0.npy", "arr_0.npy")
-            z.write(work / "labels.npy", "labels.npy")
-        os.replace(tmp, target)
-    finally:
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
+        write_npz_atomic(target, arr_0=np.load(scratch, mmap_mode="r"), labels=labels)
     return target
 
 
@@ -204,18 +202,19 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     state.wait_for_everyone()
     if not state.is_main_process:
         check_settings(out, settings, False)
-    if ref is not None:  # fail on a bad metric, feature set or weights file before sampling
-        from genvis.evaluation.features import build_extractor, check_feature_set
+    extractor = None
+    if ref is not None:  # built before sampling, so a bad metric, feature set or weights file fails first
+        from genvis.evaluation.features import build_extractor
         from genvis.evaluation.reference import check_metrics, feature_layers
 
         metrics = check_metrics(metrics)
-        build_extractor(check_feature_set(features), weights=weights, device="cpu", features=feature_layers(metrics, features))
+        extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     rank, world = state.process_index, state.num_processes
     sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world, batch_size=batch_size,
                   progress=progress, tokenizer=tokenizer, **generate_options)
-    if ref is not None:
-        shard_features(out, num, shard_size, rank=rank, world=world, metrics=metrics, features=features, weights=weights,
-                       device=str(state.device), batch_size=batch_size)
+    if extractor is not None:
+        tag = extractor_tag(extractor)
+        shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -225,9 +224,9 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     from genvis.evaluation.reference import compute_metrics
     from genvis.training.checkpoint import write_json_atomic
 
-    gathered = gather_features(out, num, shard_size, metrics, features)
-    result = compute_metrics(None, ref, metrics=metrics, features=features, weights=weights, batch_size=batch_size,
-                             sample_features=gathered)
+    gathered = gather_features(out, num, shard_size, extractor, tag, metrics, features)
+    result = compute_metrics(None, ref, metrics=metrics, features=features, batch_size=batch_size,
+                             sample_features=gathered, extractor=extractor)
     result = {**result, "samples": str(samples)}
     write_json_atomic(out / "metrics.json", result)
     return result

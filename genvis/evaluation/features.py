@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
@@ -25,11 +26,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genvis.errors import GenvisError
+from genvis.evaluation import FEATURE_SETS
+from genvis.evaluation.digits import load_digits_classifier, prepare_images
 
 DIGITS_NAME = "genvis-digits"
 INCEPTION_NAME = "inception-v3-compat"
-FEATURE_SETS = ("inception", "digits")
-METRICS = ("fid", "isc", "kid", "prc")
 
 # Per feature set: the layer used for fid/kid/prc and the one used for isc.
 STATS_LAYER = {"inception": "2048", "digits": "penultimate"}
@@ -55,8 +56,6 @@ class DigitsFeatureExtractor(torch_fidelity.FeatureExtractorBase):
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        from genvis.evaluation.digits import load_digits_classifier
-
         self.classifier = load_digits_classifier(feature_extractor_weights_path)
         self.requires_grad_(False)
         self.eval()
@@ -79,13 +78,11 @@ class DigitsFeatureExtractor(torch_fidelity.FeatureExtractorBase):
 
     def forward(self, x):
         """uint8 [B, 3, H, W] -> tuple of float32 features, in the order of `features_list`."""
-        from genvis.evaluation.digits import prepare_images
-
         if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
             raise GenvisError(f"digits extractor input {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}: "
                               "expected uint8 [B, 3, H, W]")
         device = self.classifier.fc.weight.device
-        h = prepare_images(x.permute(0, 2, 3, 1)).to(device)  # the same preprocessing as digits_metrics
+        h = prepare_images(x.to(device).float() / 127.5 - 1.0)  # the same preprocessing as digits_metrics
         feats = self.classifier.features(h)
         out = {"penultimate": feats}
         if "logits_unbiased" in self.features_list:
@@ -102,19 +99,45 @@ def inception_hub_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
 
 
-def check_weights_file(path: Union[str, Path]) -> Path:
-    """`path` must be a tensors-only checkpoint: `torch.load(weights_only=True)` must read it."""
+def load_weights_file(path: Union[str, Path]) -> dict:
+    """The state dict in `path`, read with `torch.load(weights_only=True)` (tensors only, never unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise GenvisError(f"{path}: weights file not found")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = re.sub(r"\x1b\[[0-9;]*m", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
         first = first.split(". ")[0].rstrip(". ")  # torch's message goes on with advice on how to unpickle
         raise GenvisError(f"{path}: not a tensors-only weights file (torch.load with weights_only=True "
                           f"refused it: {first}); genvis does not unpickle weights") from None
-    return path
+    if not isinstance(state_dict, dict):
+        raise GenvisError(f"{path}: expected a state dict (name -> tensor), got {type(state_dict).__name__}")
+    return state_dict
+
+
+class _InceptionFromStateDict(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3 with its weights given as a state dict that genvis read with
+    weights_only=True: torch-fidelity's own loader unpickles its file (weights_only=False), so it is
+    handed an empty tensors-only file, whose load this class skips, and the real weights follow."""
+
+    _skip_load = False
+
+    def __init__(self, name, features_list, state_dict):
+        with tempfile.TemporaryDirectory() as tmp:
+            empty = Path(tmp) / "empty.pt"
+            torch.save({}, empty)
+            type(self)._skip_load = True
+            try:
+                super().__init__(name, features_list, feature_extractor_weights_path=str(empty), verbose=False)
+            finally:
+                type(self)._skip_load = False
+        self.load_state_dict(state_dict)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if type(self)._skip_load:
+            return None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def check_feature_set(features: str) -> str:
@@ -131,9 +154,9 @@ def build_extractor(name: str, weights: Optional[Union[str, Path]] = None, devic
     Args:
         name: "digits" (genvis's classifier; features "penultimate", "logits_unbiased") or
             "inception" (torch-fidelity's "inception-v3-compat"; features "2048", "logits_unbiased").
-        weights: a weights file. For inception: a tensors-only state dict (checked with
-            weights_only=True before torch-fidelity reads it); without it the file torch-fidelity
-            would download must already be in the torch hub cache, nothing is ever downloaded.
+        weights: a weights file. For inception: a tensors-only state dict (read once, with
+            weights_only=True); without it the file torch-fidelity would download must already be in
+            the torch hub cache, which is read the same way; nothing is ever downloaded.
             For digits: a classifier safetensors file (default: the shipped one).
         device: torch device for the extractor.
         features: requested feature names (default: both of the set's features).
@@ -153,18 +176,15 @@ def build_extractor(name: str, weights: Optional[Union[str, Path]] = None, devic
         extractor = DigitsFeatureExtractor(DIGITS_NAME, features, feature_extractor_weights_path=weights)
     else:
         if weights is None:
-            cached = inception_hub_file()
-            if not cached.is_file():
-                raise GenvisError(f"Inception-v3 weights needed: {cached.name} (from {URL_INCEPTION_V3}) is not in "
-                                  f"{cached.parent} and genvis never downloads; pass --inception-weights FILE")
-        else:
-            weights = str(check_weights_file(weights))
+            weights = inception_hub_file()
+            if not weights.is_file():
+                raise GenvisError(f"Inception-v3 weights needed: {weights.name} (from {URL_INCEPTION_V3}) is not in "
+                                  f"{weights.parent} and genvis never downloads; pass --inception-weights FILE")
         try:
-            extractor = FeatureExtractorInceptionV3(INCEPTION_NAME, features, feature_extractor_weights_path=weights,
-                                                    verbose=False)
+            extractor = _InceptionFromStateDict(INCEPTION_NAME, features, load_weights_file(weights))
         except RuntimeError as err:  # load_state_dict: missing/unexpected keys or shapes
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise GenvisError(f"{weights or inception_hub_file()}: not Inception-v3 weights for torch-fidelity ({first})") from None
+            raise GenvisError(f"{weights}: not Inception-v3 weights for torch-fidelity ({first})") from None
     return extractor.to(device).eval()
 
 
@@ -183,7 +203,6 @@ class FeatureAccumulator:
     def __init__(self, stats: Sequence[str] = (), keep: Sequence[str] = ()):
         self.stats_names = tuple(stats)
         self.keep_names = tuple(keep)
-        self.count: Dict[str, int] = {name: 0 for name in self.stats_names}
         self._mean: Dict[str, Optional[np.ndarray]] = {name: None for name in self.stats_names}
         self._m2: Dict[str, Optional[np.ndarray]] = {name: None for name in self.stats_names}
         self._kept: Dict[str, list] = {name: [] for name in self.keep_names}
@@ -207,7 +226,7 @@ class FeatureAccumulator:
             mean_b = x.mean(axis=0)
             centred = x - mean_b
             m2_b = centred.T @ centred
-            n_a = self.count[name]
+            n_a = self.num  # every feature gets every batch, so all counts equal num
             if n_a == 0:
                 self._mean[name], self._m2[name] = mean_b, m2_b
             else:
@@ -217,7 +236,6 @@ class FeatureAccumulator:
                 delta = mean_b - self._mean[name]
                 self._mean[name] = self._mean[name] + delta * (n_b / n)
                 self._m2[name] = self._m2[name] + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
-            self.count[name] = n_a + n_b
         for name in self.keep_names:
             self._kept[name].append(features[name].detach().to("cpu", torch.float32))
         self.num += sizes.pop()
@@ -226,7 +244,7 @@ class FeatureAccumulator:
         """float64 mean [D] and unbiased covariance [D, D] (as np.cov, ddof=1) of feature `name`."""
         if name not in self.stats_names:
             raise GenvisError(f"feature {name!r}: no statistics accumulated (have: {', '.join(self.stats_names) or 'none'})")
-        n = self.count[name]
+        n = self.num
         if n < 2:
             raise GenvisError(f"feature {name!r}: {n} sample(s); mean and covariance need at least 2")
         return self._mean[name].copy(), self._m2[name] / (n - 1)

@@ -13,18 +13,17 @@ evaluator writes them, optionally with the images as `arr_0` (uint8 NHWC).
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from genvis.errors import GenvisError
+from genvis.evaluation import METRICS
 from genvis.evaluation.features import (
     LOGITS_LAYER,
-    METRICS,
     STATS_LAYER,
     FeatureAccumulator,
     build_extractor,
@@ -32,6 +31,7 @@ from genvis.evaluation.features import (
     extract,
 )
 from genvis.evaluation.fid import frechet_distance
+from genvis.generate import scratch_file, write_npz_atomic
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CONFIG_EXTENSIONS = (".yaml", ".yml")
@@ -90,17 +90,15 @@ class FolderSource:
         feature extractor; at most two batches are in memory."""
         from concurrent.futures import ThreadPoolExecutor
 
-        starts = range(0, len(self.files), batch_size)
+        starts = list(range(0, len(self.files), batch_size))
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            def decode(start):
-                return list(pool.map(self._load, self.files[start : start + batch_size]))
+            def submit(i):
+                return [pool.submit(self._load, f) for f in self.files[starts[i] : starts[i] + batch_size]] if i < len(starts) else []
 
-            with ThreadPoolExecutor(max_workers=1) as ahead:
-                pending = ahead.submit(decode, starts[0]) if len(starts) else None
-                for i in range(len(starts)):
-                    arrays = pending.result()
-                    pending = ahead.submit(decode, starts[i + 1]) if i + 1 < len(starts) else None
-                    yield _to_nchw3(np.stack(arrays), str(self.path))
+            pending = submit(0)
+            for i in range(len(starts)):
+                current, pending = pending, submit(i + 1)  # the next batch decodes while this one is used
+                yield _to_nchw3(np.stack([f.result() for f in current]), str(self.path))
 
 
 class NpzSource:
@@ -273,15 +271,14 @@ def read_statistics(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def write_reference(source, out, extractor, batch_size: int = 64, include_images: bool = False,
-                    stats_layer: Optional[str] = None) -> dict:
+def write_reference(source, out, extractor, batch_size: int = 64, include_images: bool = False) -> dict:
     """Write ADM-format reference statistics of `source` to `out` (.npz), atomically.
 
     Args:
         source: a path or an open source (see `open_source`).
         out: the .npz to write: `mu` float64 [D], `sigma` float64 [D, D], and with
             include_images also `arr_0` uint8 [N, H, W, 3].
-        extractor: from `build_extractor`; its first feature is used unless `stats_layer` is given.
+        extractor: from `build_extractor`; its first feature is used.
         batch_size: images per extractor call.
 
     The file appears only complete: it is written to a temporary file in the same folder and
@@ -296,18 +293,15 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
         raise GenvisError(f"{out}: the reference file must end in .npz")
     if not out.parent.is_dir():
         raise GenvisError(f"{out.parent}: output folder not found")
-    layer = stats_layer or extractor.features_list[0]
+    layer = extractor.features_list[0]
     if len(source) < 2:
         raise GenvisError(f"{source.name}: {len(source)} image(s); statistics need at least 2")
-
-    images_tmp = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        if include_images:
-            # stream the images to a side .npy memmap so they never sit in memory all at once
-            fd2, images_tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".arr_0.npy", dir=out.parent)
-            os.close(fd2)
+    if not include_images:
+        mu, sigma = extract(extractor, source.batches(batch_size), FeatureAccumulator(stats=(layer,))).mu_sigma(layer)
+        write_npz_atomic(out, mu=mu, sigma=sigma)
+    else:
+        # the images go to a scratch .npy memmap as they stream past, so they never sit in memory at once
+        with scratch_file(out.parent, ".arr_0.npy") as images_path:
             images = None
 
             def batches():
@@ -316,31 +310,16 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
                 for batch in source.batches(batch_size):
                     if images is None:
                         shape = (len(source), batch.shape[2], batch.shape[3], 3)
-                        images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=shape)
+                        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
                     images[start : start + batch.shape[0]] = batch.permute(0, 2, 3, 1).numpy()
                     start += batch.shape[0]
                     yield batch
 
-            acc = extract(extractor, batches(), FeatureAccumulator(stats=(layer,)))
-        else:
-            acc = extract(extractor, source.batches(batch_size), FeatureAccumulator(stats=(layer,)))
-        mu, sigma = acc.mu_sigma(layer)
-        with open(tmp, "wb") as f:
-            if include_images:
-                images.flush()
-                np.savez(f, mu=mu, sigma=sigma, arr_0=np.load(images_tmp, mmap_mode="r"))
-                del images
-            else:
-                np.savez(f, mu=mu, sigma=sigma)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        if images_tmp is not None and os.path.exists(images_tmp):
-            os.unlink(images_tmp)
-    return {"out": str(out), "num_images": acc.num, "feature_dim": int(mu.shape[0])}
+            mu, sigma = extract(extractor, batches(), FeatureAccumulator(stats=(layer,))).mu_sigma(layer)
+            images.flush()
+            del images
+            write_npz_atomic(out, mu=mu, sigma=sigma, arr_0=np.load(images_path, mmap_mode="r"))
+    return {"out": str(out), "num_images": len(source), "feature_dim": int(mu.shape[0])}
 
 
 def _is_statistics_file(path) -> bool:
@@ -376,7 +355,7 @@ def accumulator_for(metrics: Sequence[str], features: str) -> FeatureAccumulator
 def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), features: str = "inception",
                     weights=None, batch_size: int = 64, device="cpu", split: str = "train",
                     kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
-                    prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None) -> dict:
+                    prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None, extractor=None) -> dict:
     """FID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions.
 
     Args:
@@ -391,6 +370,8 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
         sample_features: the samples' features already extracted (a FeatureAccumulator holding what
             `accumulator_for(metrics, features)` asks for, e.g. gathered from the shards of a sharded
             run); `samples` is then not read.
+        extractor: an extractor from `build_extractor` to reuse (it must produce `feature_layers(metrics,
+            features)`); by default one is built from features / weights / device when images are read.
 
     Returns:
         {"frechet_inception_distance", "inception_score_mean", "inception_score_std",
@@ -419,7 +400,8 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
             ref_source = open_source(ref) if image_metrics else None
         else:
             ref_source = open_source(ref, split=split)
-    extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
+    if extractor is None and (sample_features is None or ref_source is not None):
+        extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     if sample_features is None:
         sample_acc = extract(extractor, open_source(samples, split=split).batches(batch_size), accumulator_for(metrics, features))
     else:

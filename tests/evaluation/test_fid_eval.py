@@ -160,7 +160,9 @@ def test_ref_file_matches_folder(capsys, data, tmp_path):
         assert _rel(fid_file, fid_folder) < 1e-7, (ref.name, fid_file, fid_folder)
     # the images inside ref_images.npz make KID computable; a stats-only file does not
     kid = compute_metrics(data["b"], out_img, metrics=("kid",), features="digits", kid_subsets=10)
+    kid_folder = compute_metrics(data["b"], data["a"], metrics=("kid",), features="digits", kid_subsets=10)
     assert kid["kernel_inception_distance_mean"] > 0
+    assert _rel(kid["kernel_inception_distance_mean"], kid_folder["kernel_inception_distance_mean"]) < 1e-6
     rc, _, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(out), "--features", "digits",
                                "--metrics", "fid,kid"])
     assert rc == 2 and "need the reference images" in err and len(err.strip().splitlines()) == 1
@@ -294,11 +296,14 @@ def test_inception_from_local_weights_file(tmp_path):
     model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     weights = tmp_path / "inception_random.pth"
     torch.save(model.state_dict(), weights)
-    del model
 
     extractor = build_extractor("inception", weights=weights)
     x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     acc = extract(extractor, [x], keep=("2048", "logits_unbiased"))
     feats = acc.kept("2048")
-    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.abs().max() > 0
     assert acc.kept("logits_unbiased").shape == (2, 1008)
+    # the weights in the file are the ones used: the features equal the saved model's own
+    with torch.no_grad():
+        (expected,) = model.eval()(x)
+    assert torch.allclose(feats, expected, rtol=1e-5, atol=1e-6)

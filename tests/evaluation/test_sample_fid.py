@@ -98,3 +98,19 @@ def test_other_settings_on_an_existing_run_are_refused(model_dir, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seed: 5 -> 6" in err[0]
     assert main(["eval", "sample-fid", str(model_dir), "--num", "4", "--out", str(tmp_path / "x"), "--labels", "even"]) == 2
+
+
+def test_rerun_with_other_metrics_extracts_features_again(model_dir, tmp_path):
+    """Feature files record the extractor, feature names and weights they were made with: a rerun asking
+    for IS too re-extracts (and gives a fresh run's numbers); --inception-weights does not apply to digits."""
+    import json
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(1).integers(0, 256, size=(20, 8, 8, 3), dtype=np.uint8))
+    common = ["--num", "8", *ARGS, "--ref", str(ref), "--features", "digits", "--inception-weights", str(tmp_path / "none.pth")]
+    assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "a"), *common, "--metrics", "fid"]) == 0
+    assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "a"), *common, "--metrics", "fid,isc"]) == 0
+    assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "b"), *common, "--metrics", "fid,isc"]) == 0
+    rerun, fresh = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    for key in ("frechet_inception_distance", "inception_score_mean", "inception_score_std"):
+        assert rerun[key] == fresh[key], key
