@@ -5,8 +5,8 @@ images, same extractor, same machine, one run; plus genvis's peak memory for 10k
                                     [--inception-budget 120]
 
 Rows: extractor "genvis-digits" (genvis's shipped classifier) and "inception-v3-compat"
-(torch-fidelity's Inception-v3 with random weights written to a local file: nothing is downloaded,
-and throughput does not depend on the weight values). Each row runs FID between two folders of
+(torch-fidelity's Inception-v3 with synthetic weights in its layout written to a local file:
+nothing is downloaded, and throughput does not depend on the weight values). Each row runs FID between two folders of
 32x32 RGB PNGs (samples and reference, N images each) with both tools, interleaved, best of
 `--rounds`; images/s counts both folders (2N images). If Inception runs slower than 20 img/s on this
 machine, its row uses at most 500 images per folder, fewer if needed to stay within
@@ -43,23 +43,6 @@ def write_folder(path: Path, images: np.ndarray) -> Path:
     path.mkdir(parents=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(path / f"{i:06d}.png")
-    return path
-
-
-def random_inception_weights(path: Path) -> Path:
-    """A tensors-only state dict of torch-fidelity's Inception-v3 at its random initialisation."""
-    import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class RandomInception(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = path.with_name("empty.pth")
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    torch.save(model.state_dict(), path)
     return path
 
 
@@ -161,7 +144,7 @@ def main() -> None:
     import torch
     import torch_fidelity
 
-    import genvis.evaluation.features  # noqa: F401
+    from genvis.evaluation.features import write_synthetic_inception_weights
 
     # torch-fidelity's default 4 DataLoader workers on a 2-CPU machine: torch warns on every call
     warnings.filterwarnings("ignore", message="This DataLoader will create")
@@ -174,7 +157,7 @@ def main() -> None:
         samples_img, ref_img = make_images(args.num, 0), make_images(args.num, 1)
         samples = write_folder(tmp / "samples", samples_img)
         ref = write_folder(tmp / "ref", ref_img)
-        weights = random_inception_weights(tmp / "inception_random.pth")
+        weights = write_synthetic_inception_weights(tmp / "inception_synthetic.pth")
 
         rows.append(compare(samples, ref, 2 * args.num, "digits", "genvis-digits", None, args.batch, args.rounds))
 
@@ -208,7 +191,7 @@ def main() -> None:
               f"| {r['tf_ips']:.1f} | {r['ratio']:.2f}x | {r['fid_genvis']:.4f} | {r['fid_tf']:.4f} |")
     print()
     print(f"- digits row: best of {args.rounds} interleaved rounds; Inception row: best of {args.inception_rounds}.")
-    print("- Inception uses random weights from a local file (no download); throughput does not depend on "
+    print("- Inception uses synthetic weights from a local file (no download); throughput does not depend on "
           "weight values, FID values of that row are meaningless.")
     if note:
         print(f"- {note}.")

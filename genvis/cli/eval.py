@@ -44,10 +44,11 @@ def add_parser(subparsers) -> None:
 
     f = sub.add_parser(
         "fid",
-        help="FID / IS / KID / precision-recall of samples against a reference, as JSON",
+        help="FID / sFID / IS / KID / precision-recall of samples against a reference, as JSON",
         description="SAMPLES and REF: an image folder (PNG/JPEG), an ADM .npz (arr_0 uint8 NHWC) or a dataset config "
-        "YAML; REF may also be ADM reference statistics (mu, sigma), which give FID only. Metric keys follow "
-        "torch-fidelity (frechet_inception_distance, inception_score_mean, ...).",
+        "YAML; REF may also be ADM reference statistics (mu, sigma; mu_s, sigma_s for sfid), which give FID/sFID "
+        "only unless the file also holds arr_0. Metric keys follow torch-fidelity (frechet_inception_distance, "
+        "inception_score_mean, ...; sFID: spatial_frechet_inception_distance).",
     )
     f.add_argument("samples", metavar="SAMPLES")
     f.add_argument("--ref", default=None, metavar="REF", help="reference images or statistics (not needed for isc alone)")

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from genvis.cli.eval import add_evaluation_options, extractor_args
+from genvis.evaluation import METRICS
 
 
 def add_parser(eval_subparsers) -> None:
@@ -32,7 +33,7 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (the unit of resumption)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
-    p.add_argument("--metrics", default="fid", help="comma-separated: fid,isc,kid,prc")
+    p.add_argument("--metrics", default="fid", metavar="LIST", help=f"comma-separated, from {','.join(METRICS)} (default fid)")
     add_evaluation_options(p, device_default=None)
     p.set_defaults(func=run)
 

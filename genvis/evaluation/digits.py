@@ -53,8 +53,13 @@ class DigitsClassifier(nn.Module):
 
     def features(self, x_N1HW: torch.Tensor) -> torch.Tensor:
         """x [N, 1, 16, 16] in [-1, 1] -> penultimate features [N, 128] (after ReLU)."""
-        h = self.conv(x_N1HW)  # N, 64, 4, 4
-        return F.relu(self.fc(h.flatten(1)))  # N, 128
+        return self.feature_maps(x_N1HW)[1]
+
+    def feature_maps(self, x_N1HW: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x [N, 1, 16, 16] -> (the first block's pooled maps [N, 32, 8, 8], penultimate features [N, 128])."""
+        maps = self.conv[:5](x_N1HW)  # conv-relu-conv-relu-maxpool: N, 32, 8, 8
+        h = self.conv[5:](maps)  # N, 64, 4, 4
+        return maps, F.relu(self.fc(h.flatten(1)))
 
     def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
         """x [N, 1, 16, 16] in [-1, 1] -> logits [N, 10]."""

@@ -71,6 +71,11 @@ def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
         os.replace(tmp, record)
 
 
+def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) -> List[Tuple[int, int, int]]:
+    """(k, start, stop) of this process's shards that have no finished file yet."""
+    return [s for s in shard_ranges(num, shard_size) if s[0] % world == rank and not shard_path(out, s[0]).is_file()]
+
+
 def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
                   batch_size: int, progress: bool = False, **generate_options) -> List[int]:
     """Sample this process's missing shards; returns the shard numbers it wrote. A shard sampled anew
@@ -80,11 +85,8 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
     from genvis.generate import generate, to_uint8, write_npz_atomic
 
     written = []
-    mine = [s for s in shard_ranges(len(labels), shard_size) if s[0] % world == rank]
-    for k, start, stop in mine:
+    for k, start, stop in missing_shards(out, len(labels), shard_size, rank, world):
         path = shard_path(out, k)
-        if path.is_file():
-            continue
         for stale in (out / "shards").glob(f"features_*_{k:06d}.npz"):
             stale.unlink()
         images = generate(model, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
@@ -146,6 +148,21 @@ def gather_features(out: Path, num: int, shard_size: int, extractor, tag: str, m
     return acc
 
 
+def _assembled(target: Path, labels: np.ndarray) -> bool:
+    """Whether `target` is a finished samples.npz of this run (written atomically, so complete if present):
+    N images and the run's labels."""
+    from genvis.evaluation.reference import NpzSource
+
+    if not target.is_file():
+        return False
+    try:
+        with np.load(target) as f:
+            same_labels = "labels" in f.files and np.array_equal(f["labels"], labels)
+        return same_labels and len(NpzSource(target)) == len(labels)
+    except (GenvisError, OSError, ValueError):
+        return False
+
+
 def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
     """Concatenate the shards into out/samples.npz (arr_0 uint8 NHWC RGB, labels) with bounded memory:
     arr_0 is filled shard by shard in a scratch memory-mapped .npy, then written out chunk by chunk.
@@ -157,6 +174,8 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
     if missing:
         raise GenvisError(f"{out}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; rerun to finish them")
     target = out / "samples.npz"
+    if _assembled(target, labels):  # a rerun (e.g. for other metrics): the shards are already in it
+        return target
     with scratch_file(out, ".arr_0.npy") as scratch:
         arr = None
         for k, start, stop in ranges:
@@ -182,18 +201,17 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from genvis.models import load_model
+    from genvis.models import load_model, read_model_config
 
     if num < 1 or shard_size < 1 or batch_size < 1:
         raise GenvisError("--num, --shard-size and --batch-size must be >= 1")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(out)
-    from genvis.tokenizers import tokenizer_for_model
-
     device = device or str(state.device)
-    model = load_model(model_path, device=device)
-    tokenizer = tokenizer_for_model(model, vae, device=device)  # decodes latents; the identity for pixel models
-    labels = label_list(num, model.num_classes, label_mode, seed)
+    num_classes = read_model_config(model_path).get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise GenvisError(f"{model_path}: config.json has no num_classes (a class-conditional generator is needed)")
+    labels = label_list(num, num_classes, label_mode, seed)
     settings = {"model": str(Path(model_path).resolve()), "num": num, "labels": label_mode, "seed": seed,
                 "shard_size": shard_size, "vae": vae, **generate_options}
     settings = json.loads(json.dumps(settings, default=str))
@@ -210,8 +228,13 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         metrics = check_metrics(metrics)
         extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     rank, world = state.process_index, state.num_processes
-    sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world, batch_size=batch_size,
-                  progress=progress, tokenizer=tokenizer, **generate_options)
+    if missing_shards(out, num, shard_size, rank, world):  # a finished run's rerun loads no generator
+        from genvis.tokenizers import tokenizer_for_model
+
+        model = load_model(model_path, device=device)
+        tokenizer = tokenizer_for_model(model, vae, device=device)  # decodes latents; the identity for pixel models
+        sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world,
+                      batch_size=batch_size, progress=progress, tokenizer=tokenizer, **generate_options)
     if extractor is not None:
         tag = extractor_tag(extractor)
         shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size)

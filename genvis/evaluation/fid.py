@@ -62,8 +62,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             f"frechet_distance: shapes mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
             f"sigma2 {sigma2.shape}; expected [D] means and [D, D] covariances of one D"
         )
-    a = _sqrt_psd((sigma1 + sigma1.T) / 2)
-    b = _sqrt_psd((sigma2 + sigma2.T) / 2)
-    tr_covmean = np.linalg.svd(a @ b, compute_uv=False).sum()
+    # One BLAS/LAPACK thread: multithreaded eigh/svd/matmul round differently with the thread count, and
+    # the metric must not depend on the machine's or the launcher's OMP_NUM_THREADS (accelerate launch
+    # sets 1 for several processes); single-threaded it is the same bits everywhere on one build.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        a = _sqrt_psd((sigma1 + sigma1.T) / 2)
+        b = _sqrt_psd((sigma2 + sigma2.T) / 2)
+        tr_covmean = np.linalg.svd(a @ b, compute_uv=False).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)

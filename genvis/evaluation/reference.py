@@ -24,6 +24,7 @@ from genvis.errors import GenvisError
 from genvis.evaluation import METRICS
 from genvis.evaluation.features import (
     LOGITS_LAYER,
+    SPATIAL_LAYER,
     STATS_LAYER,
     FeatureAccumulator,
     build_extractor,
@@ -35,6 +36,9 @@ from genvis.generate import scratch_file, write_npz_atomic
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CONFIG_EXTENSIONS = (".yaml", ".yml")
+# Frechet-distance metrics: their keys in an ADM reference file and in the result.
+FD_KEYS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}
+FD_RESULT = {"fid": "frechet_inception_distance", "sfid": "spatial_frechet_inception_distance"}
 
 
 def _to_nchw3(images_nhwc: np.ndarray, what: str) -> torch.Tensor:
@@ -59,7 +63,9 @@ class FolderSource:
         self.name = str(self.path)
         if not self.path.is_dir():
             raise GenvisError(f"{self.path}: image folder not found")
-        self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS)
+        with os.scandir(self.path) as entries:  # DirEntry.is_file needs no stat call on most file systems
+            self.files = sorted(self.path / e.name for e in entries
+                                if e.name.lower().endswith(FOLDER_EXTENSIONS) and e.is_file())
         if not self.files:
             raise GenvisError(f"{self.path}: no images found; expected {'/'.join(FOLDER_EXTENSIONS)} files in the folder")
         try:  # the first file's header gives the size every other image must have (checked as decoded)
@@ -71,7 +77,8 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, file: Path) -> np.ndarray:
+    def _load(self, file: Path, out: np.ndarray) -> None:
+        """Decode `file` into `out`, a uint8 [3, H, W] view."""
         from PIL import Image
 
         try:
@@ -82,23 +89,30 @@ class FolderSource:
         if array.shape[:2] != (self.height, self.width):
             raise GenvisError(f"{self.path}: images of different sizes ({self.width}x{self.height} ({self.files[0].name}); "
                               f"{array.shape[1]}x{array.shape[0]} ({file.name})); all must share one size")
-        return array
+        out[...] = array.transpose(2, 0, 1)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """uint8 [B, 3, H, W] batches in file-name order. Files are decoded by a small thread pool (PIL
-        releases the GIL while inflating), one batch ahead of the consumer, so decoding overlaps the
-        feature extractor; at most two batches are in memory."""
+        releases the GIL while inflating) straight into the batch tensor, one batch ahead of the
+        consumer, so decoding overlaps the feature extractor; at most two batches are in memory."""
         from concurrent.futures import ThreadPoolExecutor
 
         starts = list(range(0, len(self.files), batch_size))
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             def submit(i):
-                return [pool.submit(self._load, f) for f in self.files[starts[i] : starts[i] + batch_size]] if i < len(starts) else []
+                if i >= len(starts):
+                    return None, []
+                files = self.files[starts[i] : starts[i] + batch_size]
+                batch = torch.empty(len(files), 3, self.height, self.width, dtype=torch.uint8)
+                array = batch.numpy()
+                return batch, [pool.submit(self._load, f, array[j]) for j, f in enumerate(files)]
 
             pending = submit(0)
             for i in range(len(starts)):
-                current, pending = pending, submit(i + 1)  # the next batch decodes while this one is used
-                yield _to_nchw3(np.stack([f.result() for f in current]), str(self.path))
+                (batch, futures), pending = pending, submit(i + 1)  # the next batch decodes while this one is used
+                for future in futures:
+                    future.result()
+                yield batch
 
 
 class NpzSource:
@@ -254,20 +268,22 @@ def open_source(path, split: str = "train"):
     raise GenvisError(f"{path}: unsupported input; expected an image folder, an .npz with arr_0, or a dataset config .yaml")
 
 
-def read_statistics(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
-    """(mu float64 [D], sigma float64 [D, D]) from an ADM-format statistics .npz."""
+def read_statistics(path: Union[str, Path], metric: str = "fid") -> Tuple[np.ndarray, np.ndarray]:
+    """(mu float64 [D], sigma float64 [D, D]) of `metric` ("fid": keys mu/sigma; "sfid": mu_s/sigma_s)
+    from an ADM-format statistics .npz."""
     path = Path(path)
     if not path.is_file():
         raise GenvisError(f"{path}: statistics file not found")
+    mu_key, sigma_key = FD_KEYS[metric]
     keys = _npz_keys(path)
-    for key in ("mu", "sigma"):
+    for key in (mu_key, sigma_key):
         if key not in keys:
-            raise GenvisError(f"{path}: key '{key}' missing; a statistics file holds mu [D] and sigma [D, D] "
-                              f"(found keys: {', '.join(keys) or 'none'})")
+            raise GenvisError(f"{path}: key '{key}' missing; {metric} needs {mu_key} [D] and {sigma_key} [D, D] "
+                              f"(`genvis ref` writes them) or the reference images (found keys: {', '.join(keys) or 'none'})")
     with np.load(path, allow_pickle=False) as data:
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        mu, sigma = data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise GenvisError(f"{path}: mu {mu.shape} and sigma {sigma.shape}; expected [D] and [D, D]")
+        raise GenvisError(f"{path}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape}; expected [D] and [D, D]")
     return mu, sigma
 
 
@@ -276,9 +292,10 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
 
     Args:
         source: a path or an open source (see `open_source`).
-        out: the .npz to write: `mu` float64 [D], `sigma` float64 [D, D], and with
-            include_images also `arr_0` uint8 [N, H, W, 3].
-        extractor: from `build_extractor`; its first feature is used.
+        out: the .npz to write: `mu` float64 [D], `sigma` float64 [D, D] of the extractor's first
+            feature other than "spatial"; `mu_s`, `sigma_s` of "spatial" (sFID) when the extractor
+            computes it; and with include_images also `arr_0` uint8 [N, H, W, 3].
+        extractor: from `build_extractor`.
         batch_size: images per extractor call.
 
     The file appears only complete: it is written to a temporary file in the same folder and
@@ -293,12 +310,23 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
         raise GenvisError(f"{out}: the reference file must end in .npz")
     if not out.parent.is_dir():
         raise GenvisError(f"{out.parent}: output folder not found")
-    layer = extractor.features_list[0]
+    names = {}  # statistics key prefix -> feature layer
+    for layer in extractor.features_list:
+        names.setdefault("_s" if layer == "spatial" else "", layer)
+    if "" not in names:
+        raise GenvisError(f"extractor features {list(extractor.features_list)}: a reference needs a pooled feature for mu/sigma")
     if len(source) < 2:
         raise GenvisError(f"{source.name}: {len(source)} image(s); statistics need at least 2")
+    def statistics(batches) -> dict:
+        acc = extract(extractor, batches, FeatureAccumulator(stats=tuple(names.values())))
+        stats = {}
+        for suffix, layer in names.items():
+            stats[f"mu{suffix}"], stats[f"sigma{suffix}"] = acc.mu_sigma(layer)
+        return stats
+
     if not include_images:
-        mu, sigma = extract(extractor, source.batches(batch_size), FeatureAccumulator(stats=(layer,))).mu_sigma(layer)
-        write_npz_atomic(out, mu=mu, sigma=sigma)
+        stats = statistics(source.batches(batch_size))
+        write_npz_atomic(out, **stats)
     else:
         # the images go to a scratch .npy memmap as they stream past, so they never sit in memory at once
         with scratch_file(out.parent, ".arr_0.npy") as images_path:
@@ -315,18 +343,26 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
                     start += batch.shape[0]
                     yield batch
 
-            mu, sigma = extract(extractor, batches(), FeatureAccumulator(stats=(layer,))).mu_sigma(layer)
+            stats = statistics(batches())
             images.flush()
             del images
-            write_npz_atomic(out, mu=mu, sigma=sigma, arr_0=np.load(images_path, mmap_mode="r"))
-    return {"out": str(out), "num_images": len(source), "feature_dim": int(mu.shape[0])}
+            write_npz_atomic(out, **stats, arr_0=np.load(images_path, mmap_mode="r"))
+    info = {"out": str(out), "num_images": len(source), "feature_dim": int(stats["mu"].shape[0])}
+    if "mu_s" in stats:
+        info["spatial_dim"] = int(stats["mu_s"].shape[0])
+    return info
 
 
-def _is_statistics_file(path) -> bool:
+def _statistics_keys(path):
+    """The keys of `path` when it is a statistics .npz (mu/sigma..., with or without arr_0, or any .npz
+    without arr_0), else None (an image folder, image .npz, dataset config or open source)."""
     if hasattr(path, "batches"):
-        return False
+        return None
     path = Path(path)
-    return path.is_file() and path.suffix.lower() == ".npz" and "arr_0" not in _npz_keys(path)
+    if not (path.is_file() and path.suffix.lower() == ".npz"):
+        return None
+    keys = _npz_keys(path)
+    return keys if ("arr_0" not in keys or "mu" in keys) else None
 
 
 def check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:
@@ -339,16 +375,23 @@ def check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:
 
 
 def feature_layers(metrics: Sequence[str], features: str) -> list:
-    """The extractor outputs the metrics need: the statistics layer, plus the logits for IS."""
-    layers = [STATS_LAYER[features]] + ([LOGITS_LAYER[features]] if "isc" in metrics else [])
-    return list(dict.fromkeys(layers))
+    """The extractor outputs the metrics need: pooled features (fid, kid, prc), logits (isc), spatial (sfid)."""
+    layers = [STATS_LAYER[features]] if any(m in ("fid", "kid", "prc") for m in metrics) else []
+    layers += [LOGITS_LAYER[features]] if "isc" in metrics else []
+    layers += [SPATIAL_LAYER[features]] if "sfid" in metrics else []
+    return layers
+
+
+def fd_layer(metric: str, features: str) -> str:
+    """The feature layer of a Frechet-distance metric ("fid" or "sfid")."""
+    return STATS_LAYER[features] if metric == "fid" else SPATIAL_LAYER[features]
 
 
 def accumulator_for(metrics: Sequence[str], features: str) -> FeatureAccumulator:
-    """What to keep of the samples' features: statistics for FID, every feature for KID/PRC, logits for IS."""
+    """What to keep of the samples' features: statistics for FID/sFID, every feature for KID/PRC, logits for IS."""
     stats_layer, logits_layer = STATS_LAYER[features], LOGITS_LAYER[features]
     image_metrics = any(m in ("kid", "prc") for m in metrics)
-    return FeatureAccumulator(stats=(stats_layer,) if "fid" in metrics else (),
+    return FeatureAccumulator(stats=tuple(fd_layer(m, features) for m in FD_KEYS if m in metrics),
                               keep=((stats_layer,) if image_metrics else ()) + ((logits_layer,) if "isc" in metrics else ()))
 
 
@@ -356,14 +399,17 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
                     weights=None, batch_size: int = 64, device="cpu", split: str = "train",
                     kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
                     prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None, extractor=None) -> dict:
-    """FID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions.
+    """FID / sFID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions
+    (sFID: ADM's evaluator's).
 
     Args:
         samples: a folder, an .npz with arr_0, a dataset YAML, or an open source.
-        ref: the same kinds, or an ADM statistics .npz (`mu`, `sigma`; FID only unless it also holds
-            `arr_0`). Not needed when only "isc" is asked for.
-        metrics: any of "fid", "isc", "kid", "prc".
-        features: "inception" (2048-d pool features / logits) or "digits" (128-d / 10 logits).
+        ref: the same kinds, or an ADM statistics .npz (`mu`, `sigma`, for sFID `mu_s`, `sigma_s`;
+            Frechet distances only unless it also holds `arr_0`). Stored statistics are used when
+            present; the images (arr_0) otherwise. Not needed when only "isc" is asked for.
+        metrics: any of "fid", "isc", "kid", "prc", "sfid".
+        features: "inception" (2048-d pool features / logits / 2023-d spatial) or "digits"
+            (128-d / 10 logits / 448-d spatial).
         weights: extractor weights file (see `build_extractor`).
         kid_subsets, kid_subset_size (capped at the smaller N), isc_splits (capped at N),
         prc_neighborhood, rng_seed: as torch-fidelity's kwargs of the same names and defaults.
@@ -374,9 +420,10 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
             features)`); by default one is built from features / weights / device when images are read.
 
     Returns:
-        {"frechet_inception_distance", "inception_score_mean", "inception_score_std",
-         "kernel_inception_distance_mean", "kernel_inception_distance_std", "precision", "recall",
-         "f_score"} (those asked for), plus "num_samples", "num_ref" (when images) and "features".
+        {"frechet_inception_distance", "spatial_frechet_inception_distance", "inception_score_mean",
+         "inception_score_std", "kernel_inception_distance_mean", "kernel_inception_distance_std",
+         "precision", "recall", "f_score"} (those asked for), plus "num_samples", "num_ref" (when
+        reference images were read) and "features".
     """
     metrics = check_metrics(metrics)
     check_feature_set(features)
@@ -384,22 +431,25 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
     if needs_ref and ref is None:
         raise GenvisError(f"metrics {','.join(needs_ref)} need a reference (--ref)")
     stats_layer, logits_layer = STATS_LAYER[features], LOGITS_LAYER[features]
+    fd_metrics = [m for m in metrics if m in FD_KEYS]
     image_metrics = [m for m in metrics if m in ("kid", "prc")]
 
-    ref_stats = None
+    ref_stats = {}  # fd metric -> (mu, sigma) stored in the reference file
     ref_source = None
     if needs_ref:
-        if _is_statistics_file(ref):
-            if image_metrics:
-                raise GenvisError(f"{ref}: a statistics file (mu, sigma) without images; metrics "
-                                  f"{','.join(image_metrics)} need the reference images (a folder, an .npz with arr_0, "
-                                  "or `genvis ref --with-images`)")
-            ref_stats = read_statistics(ref)
-        elif not hasattr(ref, "batches") and Path(ref).suffix.lower() == ".npz" and "mu" in _npz_keys(Path(ref)):
-            ref_stats = read_statistics(ref) if "fid" in metrics else None  # stored stats win for FID
-            ref_source = open_source(ref) if image_metrics else None
-        else:
+        keys = _statistics_keys(ref)
+        if keys is None:
             ref_source = open_source(ref, split=split)
+        else:
+            has_images = "arr_0" in keys
+            if image_metrics and not has_images:
+                raise GenvisError(f"{ref}: a statistics file without images; metrics {','.join(image_metrics)} need "
+                                  "the reference images (a folder, an .npz with arr_0, or `genvis ref --with-images`)")
+            for m in fd_metrics:
+                if FD_KEYS[m][0] in keys or not has_images:  # stored statistics win; without images they must be there
+                    ref_stats[m] = read_statistics(ref, m)
+            if image_metrics or len(ref_stats) < len(fd_metrics):
+                ref_source = open_source(ref)
     if extractor is None and (sample_features is None or ref_source is not None):
         extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     if sample_features is None:
@@ -408,18 +458,17 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
         sample_acc = sample_features
     result = {}
     if ref_source is not None:
+        computed = [m for m in fd_metrics if m not in ref_stats]
         ref_acc = extract(extractor, ref_source.batches(batch_size), FeatureAccumulator(
-            stats=(stats_layer,) if ("fid" in metrics and ref_stats is None) else (),
-            keep=(stats_layer,) if image_metrics else ()))
-        if ref_stats is None and "fid" in metrics:
-            ref_stats = ref_acc.mu_sigma(stats_layer)
+            stats=tuple(fd_layer(m, features) for m in computed), keep=(stats_layer,) if image_metrics else ()))
+        ref_stats.update({m: ref_acc.mu_sigma(fd_layer(m, features)) for m in computed})
 
-    if "fid" in metrics:
-        mu, sigma = sample_acc.mu_sigma(stats_layer)
-        if ref_stats[0].shape != mu.shape:
-            raise GenvisError(f"{ref}: reference statistics of dim {ref_stats[0].shape[0]}, but {features} features "
-                              f"have dim {mu.shape[0]}; use the --features the reference was made with")
-        result["frechet_inception_distance"] = frechet_distance(mu, sigma, *ref_stats)
+    for m in fd_metrics:
+        mu, sigma = sample_acc.mu_sigma(fd_layer(m, features))
+        if ref_stats[m][0].shape != mu.shape:
+            raise GenvisError(f"{ref}: reference {m} statistics of dim {ref_stats[m][0].shape[0]}, but {features} "
+                              f"features have dim {mu.shape[0]}; use the --features the reference was made with")
+        result[FD_RESULT[m]] = frechet_distance(mu, sigma, *ref_stats[m])
     if "isc" in metrics:
         from torch_fidelity.metric_isc import isc_features_to_metric
 

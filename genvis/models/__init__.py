@@ -23,13 +23,19 @@ def resolve_model_dir(path) -> Path:
     raise GenvisError(f"{p}: not a genvis model folder (config.json + safetensors) or run directory (model/)")
 
 
+def read_model_config(path) -> dict:
+    """The config.json of a model folder or run directory, without loading weights."""
+    folder = resolve_model_dir(path)
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise GenvisError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
+
+
 def load_model(path, device="cpu"):
     """Load a genvis generator from a model folder or a run directory, in eval mode."""
     folder = resolve_model_dir(path)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise GenvisError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
+    config = read_model_config(folder)
     name = config.get("_class_name")
     if name not in MODEL_CLASSES:
         raise GenvisError(f"{folder / 'config.json'}: _class_name {name!r} is not a genvis model; expected one of: {', '.join(MODEL_CLASSES)}")
@@ -39,4 +45,4 @@ def load_model(path, device="cpu"):
     return model.to(device).eval()
 
 
-__all__ = ["DiT", "load_model", "resolve_model_dir"]
+__all__ = ["DiT", "load_model", "read_model_config", "resolve_model_dir"]

@@ -1,7 +1,8 @@
 """FID/IS/KID/precision-recall through torch-fidelity extractors, reference files, and the CLI.
 
 Everything runs offline on the digits classifier's features ("genvis-digits"); the Inception
-path is checked with random weights saved to a temporary file (torch-fidelity never downloads).
+path is checked with synthetic weights in torch-fidelity's layout saved to a temporary file
+(write_synthetic_inception_weights; nothing is downloaded).
 """
 import json
 import os
@@ -19,6 +20,7 @@ from genvis.evaluation.features import (
     build_extractor,
     extract,
     inception_hub_file,
+    write_synthetic_inception_weights,
 )
 from genvis.evaluation.reference import compute_metrics, open_source, read_statistics, write_reference
 from genvis.generate import to_uint8
@@ -135,10 +137,12 @@ def test_ref_file_matches_folder(capsys, data, tmp_path):
     out = tmp_path / "ref.npz"
     rc, stdout, err = _cli(capsys, ["ref", str(data["a"]), "--out", str(out), "--features", "digits"])
     assert rc == 0, err
-    with np.load(out) as ref:
-        assert sorted(ref.files) == ["mu", "sigma"]
+    with np.load(out) as ref:  # ADM's keys: mu/sigma (pooled) and mu_s/sigma_s (spatial, for sFID)
+        assert sorted(ref.files) == ["mu", "mu_s", "sigma", "sigma_s"]
         assert ref["mu"].dtype == np.float64 and ref["mu"].shape == (128,)
         assert ref["sigma"].dtype == np.float64 and ref["sigma"].shape == (128, 128)
+        assert ref["mu_s"].dtype == ref["sigma_s"].dtype == np.float64
+        assert ref["mu_s"].shape == (7 * 8 * 8,) and ref["sigma_s"].shape == (7 * 8 * 8, 7 * 8 * 8)
     assert json.loads(stdout)["num_images"] == N
 
     out_img = tmp_path / "ref_images.npz"
@@ -146,7 +150,7 @@ def test_ref_file_matches_folder(capsys, data, tmp_path):
                                "--batch-size", "33"])
     assert rc == 0, err
     with np.load(out_img) as ref:
-        assert sorted(ref.files) == ["arr_0", "mu", "sigma"]
+        assert sorted(ref.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
         assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (N, 16, 16, 3)
         np.testing.assert_array_equal(ref["arr_0"], np.repeat(data["u8_a"], 3, axis=-1))
     assert sorted(os.listdir(tmp_path)) == ["ref.npz", "ref_images.npz"]  # no temporary files left
@@ -166,6 +170,76 @@ def test_ref_file_matches_folder(capsys, data, tmp_path):
     rc, _, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(out), "--features", "digits",
                                "--metrics", "fid,kid"])
     assert rc == 2 and "need the reference images" in err and len(err.strip().splitlines()) == 1
+
+
+def _adm_spatial(maps_NCHW):
+    """ADM's spatial features written out independently: TF's NHWC map, [..., :7], reshape [N, -1]."""
+    nhwc = maps_NCHW.permute(0, 2, 3, 1).numpy()
+    return nhwc[..., :7].reshape(nhwc.shape[0], -1).astype(np.float64)
+
+
+def _scipy_fd(f1, f2):
+    from scipy import linalg
+
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_sfid_digits_matches_independent_computation(capsys, data, tmp_path):
+    """sFID on the digits classifier's first-block maps equals numpy/scipy on maps taken from the
+    classifier directly; a stored mu_s/sigma_s gives the same value; the set against itself is 0."""
+    from genvis.evaluation.digits import _shared_classifier, prepare_images
+
+    classifier = _shared_classifier()
+    with torch.no_grad():
+        maps = [classifier.conv[:5](prepare_images(np.repeat(data[k], 3, axis=-1))) for k in ("u8_b", "u8_a")]
+    expected = _scipy_fd(*(_adm_spatial(m) for m in maps))
+    ours = compute_metrics(data["b"], data["a"], metrics=("fid", "sfid"), features="digits", batch_size=64)
+    print("sFID digits:", ours["spatial_frechet_inception_distance"], "independent:", expected)
+    assert expected > 1.0 and _rel(ours["spatial_frechet_inception_distance"], expected) < 1e-4
+    fid_only = compute_metrics(data["b"], data["a"], features="digits")
+    assert ours["frechet_inception_distance"] == pytest.approx(fid_only["frechet_inception_distance"], rel=1e-9)
+
+    ref = tmp_path / "ref.npz"
+    assert _cli(capsys, ["ref", str(data["a"]), "--out", str(ref), "--features", "digits"])[0] == 0
+    rc, out, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(ref), "--features", "digits",
+                                 "--metrics", "sfid"])
+    assert rc == 0, err
+    assert _rel(json.loads(out)["spatial_frechet_inception_distance"], ours["spatial_frechet_inception_distance"]) < 1e-7
+    rc, out, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(ref), "--features", "digits",
+                                 "--metrics", "sfid,fid"])
+    assert rc == 0 and abs(json.loads(out)["spatial_frechet_inception_distance"]) < 1e-6
+
+    # a statistics file without the spatial pair: one line naming the key
+    with np.load(ref) as f:
+        np.savez(tmp_path / "old.npz", mu=f["mu"], sigma=f["sigma"])
+    rc, out, err = _cli(capsys, ["eval", "fid", str(data["b"]), "--ref", str(tmp_path / "old.npz"), "--features",
+                                 "digits", "--metrics", "fid,sfid"])
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "old.npz" in err and "'mu_s'" in err and "sfid" in err
+
+
+def test_sfid_inception_features_are_adm_mixed_6_conv(inception_weights):
+    """genvis's Inception "spatial" feature is ADM's mixed_6/conv[..., :7] at 17x17 (2023-d): the first 7
+    channels of torch-fidelity's Mixed_6d.branch1x1, flattened NHWC, taken here by a hook on
+    torch-fidelity's own model."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    x = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    extractor = build_extractor("inception", weights=inception_weights, features=["spatial", "2048"])
+    spatial, pooled = extractor(x)
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                         feature_extractor_weights_path=str(inception_weights)).eval()
+    captured = {}
+    theirs.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.setdefault("conv", o))
+    with torch.no_grad():
+        (expected_pooled,) = theirs(x)
+    expected = torch.from_numpy(_adm_spatial(captured["conv"])).float()
+    assert spatial.shape == (2, 2023) and expected.abs().max() > 0.05 and (expected > 0).float().mean() > 0.01
+    assert (spatial - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (pooled - expected_pooled).abs().max() <= 1e-4 * expected_pooled.abs().max()
 
 
 def test_dataset_config_source(tmp_path):
@@ -281,29 +355,44 @@ def test_pickled_inception_weights_are_refused(capsys, tmp_path, data):
     assert not out.exists()
 
 
-def test_inception_from_local_weights_file(tmp_path):
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return write_synthetic_inception_weights(tmp_path_factory.mktemp("inception") / "inception_synthetic.pth")
+
+
+def test_inception_from_local_weights_file(inception_weights):
+    """genvis's Inception (weights read with weights_only=True, channels-last convolutions) gives the
+    features of torch-fidelity's own extractor loading the same file."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    class RandomInception(FeatureExtractorInceptionV3):
-        """torch-fidelity's Inception-v3 that keeps its random initialisation (loads nothing)."""
-
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = tmp_path / "empty.pth"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    weights = tmp_path / "inception_random.pth"
-    torch.save(model.state_dict(), weights)
-
-    extractor = build_extractor("inception", weights=weights)
-    x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    acc = extract(extractor, [x], keep=("2048", "logits_unbiased"))
-    feats = acc.kept("2048")
-    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.abs().max() > 0
-    assert acc.kept("logits_unbiased").shape == (2, 1008)
-    # the weights in the file are the ones used: the features equal the saved model's own
+    extractor = build_extractor("inception", weights=inception_weights)
+    x = (torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    acc = extract(extractor, [x[:2], x[2:]], keep=("2048", "logits_unbiased"))
+    feats, logits = acc.kept("2048"), acc.kept("logits_unbiased")
+    assert feats.shape == (3, 2048) and logits.shape == (3, 1008)
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                         feature_extractor_weights_path=str(inception_weights)).eval()
     with torch.no_grad():
-        (expected,) = model.eval()(x)
-    assert torch.allclose(feats, expected, rtol=1e-5, atol=1e-6)
+        expected, expected_logits = theirs(x)
+    # synthetic He-scaled weights keep the features O(0.1): the tolerance is not met by near-zero outputs
+    assert expected.abs().mean() > 0.05 and expected_logits.std() > 0.05
+    for ours, ref in ((feats, expected), (logits, expected_logits)):
+        diff = (ours - ref).abs().max().item()
+        print(f"max |genvis - torch-fidelity| = {diff:.3g} (scale {ref.abs().max().item():.3g})")
+        assert diff <= 1e-4 * ref.abs().max().item()
+
+
+def test_inception_fid_matches_torch_fidelity(tmp_path, inception_weights, digits_u8):
+    import torch_fidelity
+
+    a = _write_folder(tmp_path / "a", digits_u8[:12])
+    b = _write_folder(tmp_path / "b", digits_u8[100:112])
+    ours = compute_metrics(a, b, metrics=("fid", "isc"), features="inception", weights=inception_weights,
+                           batch_size=5)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(a), input2=str(b), cuda=False, batch_size=5, cache=False, verbose=False, fid=True, isc=True,
+        feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(inception_weights))
+    for key in ("frechet_inception_distance", "inception_score_mean"):
+        print(key, ours[key], theirs[key])
+        assert abs(theirs[key]) > 1e-6 and _rel(ours[key], theirs[key]) < 1e-4

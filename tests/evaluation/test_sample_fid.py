@@ -34,7 +34,7 @@ def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path, capsys
     rng = np.random.default_rng(0)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8))
-    metric_args = ["--ref", str(ref), "--features", "digits", "--metrics", "fid,kid,prc,isc"]
+    metric_args = ["--ref", str(ref), "--features", "digits", "--metrics", "fid,kid,prc,isc,sfid"]
     assert main(["eval", "sample-fid", str(model_dir), "--num", "18", "--out", str(tmp_path / "one"), *ARGS, *metric_args]) == 0
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     # torchrun's parser would take --num for its own --numa-binding: pass the arguments through a script
@@ -59,7 +59,8 @@ def test_one_process_equals_two_and_matches_generate(model_dir, tmp_path, capsys
     # features extracted per shard by each process and gathered: the same metrics for 1 and 2 processes,
     # and the metrics of `genvis eval fid` on the assembled file
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    keys = ("frechet_inception_distance", "kernel_inception_distance_mean", "precision", "recall", "inception_score_mean")
+    keys = ("frechet_inception_distance", "kernel_inception_distance_mean", "precision", "recall", "inception_score_mean",
+            "spatial_frechet_inception_distance")
     assert all(m1[k] == m2[k] for k in keys), (m1, m2)
     capsys.readouterr()
     assert main(["eval", "fid", str(tmp_path / "one" / "samples.npz"), *metric_args]) == 0
@@ -100,16 +101,27 @@ def test_other_settings_on_an_existing_run_are_refused(model_dir, tmp_path, caps
     assert main(["eval", "sample-fid", str(model_dir), "--num", "4", "--out", str(tmp_path / "x"), "--labels", "even"]) == 2
 
 
-def test_rerun_with_other_metrics_extracts_features_again(model_dir, tmp_path):
+def test_rerun_with_other_metrics_extracts_features_again(model_dir, tmp_path, monkeypatch):
     """Feature files record the extractor, feature names and weights they were made with: a rerun asking
-    for IS too re-extracts (and gives a fresh run's numbers); --inception-weights does not apply to digits."""
+    for IS too re-extracts (and gives a fresh run's numbers); --inception-weights does not apply to digits.
+    The rerun of a finished run neither loads the generator nor rewrites samples.npz."""
     import json
+
+    import genvis.models
 
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(1).integers(0, 256, size=(20, 8, 8, 3), dtype=np.uint8))
     common = ["--num", "8", *ARGS, "--ref", str(ref), "--features", "digits", "--inception-weights", str(tmp_path / "none.pth")]
     assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "a"), *common, "--metrics", "fid"]) == 0
-    assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "a"), *common, "--metrics", "fid,isc"]) == 0
+    stamp = (tmp_path / "a" / "samples.npz").stat().st_mtime_ns
+
+    def no_generator(*args, **kwargs):
+        raise AssertionError("a finished run loaded the generator again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genvis.models, "load_model", no_generator)
+        assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "a"), *common, "--metrics", "fid,isc"]) == 0
+    assert (tmp_path / "a" / "samples.npz").stat().st_mtime_ns == stamp
     assert main(["eval", "sample-fid", str(model_dir), "--out", str(tmp_path / "b"), *common, "--metrics", "fid,isc"]) == 0
     rerun, fresh = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     for key in ("frechet_inception_distance", "inception_score_mean", "inception_score_std"):
