@@ -89,6 +89,7 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
         path = shard_path(out, k)
         for stale in (out / "shards").glob(f"features_*_{k:06d}.npz"):
             stale.unlink()
+        (out / "samples.npz").unlink(missing_ok=True)  # assembled from the shards before this one was redone
         images = generate(model, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
                           batch_size=batch_size, **generate_options)
         write_npz_atomic(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
@@ -148,18 +149,18 @@ def gather_features(out: Path, num: int, shard_size: int, extractor, tag: str, m
     return acc
 
 
-def _assembled(target: Path, labels: np.ndarray) -> bool:
-    """Whether `target` is a finished samples.npz of this run (written atomically, so complete if present):
-    N images and the run's labels."""
+def _assembled(target: Path, labels: np.ndarray, shards: List[Path]) -> bool:
+    """Whether `target` is a finished samples.npz of this run: written (atomically) after every shard,
+    with N images and the run's labels. A shard sampled again also removes it (sample_shards)."""
     from genvis.evaluation.reference import NpzSource
 
-    if not target.is_file():
+    if not target.is_file() or target.stat().st_mtime_ns < max(s.stat().st_mtime_ns for s in shards):
         return False
     try:
         with np.load(target) as f:
             same_labels = "labels" in f.files and np.array_equal(f["labels"], labels)
         return same_labels and len(NpzSource(target)) == len(labels)
-    except (GenvisError, OSError, ValueError):
+    except Exception:  # unreadable or truncated (BadZipFile, EOFError, ...): assemble it again
         return False
 
 
@@ -173,15 +174,17 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
     missing = [k for k, _, _ in ranges if not shard_path(out, k).is_file()]
     if missing:
         raise GenvisError(f"{out}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing; rerun to finish them")
+    for k, start, stop in ranges:  # reads only the small members
+        with np.load(shard_path(out, k)) as shard:
+            if not (np.array_equal(shard["indices"], np.arange(start, stop)) and np.array_equal(shard["labels"], labels[start:stop])):
+                raise GenvisError(f"{shard_path(out, k)}: holds other samples than the run's shard {k}; remove it and rerun")
     target = out / "samples.npz"
-    if _assembled(target, labels):  # a rerun (e.g. for other metrics): the shards are already in it
+    if _assembled(target, labels, [shard_path(out, k) for k, _, _ in ranges]):  # a rerun, e.g. for other metrics
         return target
     with scratch_file(out, ".arr_0.npy") as scratch:
         arr = None
         for k, start, stop in ranges:
             with np.load(shard_path(out, k)) as shard:
-                if not (np.array_equal(shard["indices"], np.arange(start, stop)) and np.array_equal(shard["labels"], labels[start:stop])):
-                    raise GenvisError(f"{shard_path(out, k)}: holds other samples than the run's shard {k}; remove it and rerun")
                 images = shard["arr_0"]
             if arr is None:  # ADM files hold RGB: a greyscale channel is broadcast to 3
                 arr = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(labels),) + images.shape[1:-1] + (3,))

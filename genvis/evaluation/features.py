@@ -166,9 +166,12 @@ class _InceptionFromStateDict(FeatureExtractorInceptionV3):
         captured = {}
         handle = self.Mixed_6d.register_forward_hook(lambda module, args, output: captured.setdefault("maps", output))
         requested = self.features_list
+        inner = [f for f in requested if f != "spatial"]
+        if not any(f in ("768", "2048", "logits_unbiased", "logits") for f in inner):
+            inner.append("768")  # the network must run past Mixed_6d (it stops after Mixed_6e for "768")
         try:
-            self.features_list = [f for f in requested if f != "spatial"] or ["768"]  # "768": stop after Mixed_6e
-            out = dict(zip(self.features_list, super().forward(x)))
+            self.features_list = inner
+            out = dict(zip(inner, super().forward(x)))
         finally:
             self.features_list = requested
             handle.remove()
@@ -289,16 +292,20 @@ class FeatureAccumulator:
 
     def update(self, features: Dict[str, torch.Tensor]) -> None:
         """Add one batch: `features[name]` is [B, D] for every name in `names`."""
+        missing = [name for name in self.names if name not in features]
+        if missing:
+            raise GenvisError(f"features {missing} missing from the batch (got: {', '.join(features) or 'none'})")
         sizes = {int(features[name].shape[0]) for name in self.names}
         if len(sizes) != 1:
             raise GenvisError(f"feature batch sizes differ: {sorted(sizes)}")
-        for name in self.stats_names:
-            x = features[name].detach()
+        for name in self.stats_names:  # every check before any change, so a refused batch leaves no trace
+            x = features[name]
             dim = self._mean[name].shape[0] if self._mean[name] is not None else (
                 self._pending[name][0].shape[1] if self._pending[name] else None)
             if x.dim() != 2 or (dim is not None and x.shape[1] != dim):
                 raise GenvisError(f"feature {name!r} of shape {tuple(x.shape)}: expected [B, {dim or 'D'}]")
-            self._pending[name].append(x.to("cpu", torch.float64))
+        for name in self.stats_names:
+            self._pending[name].append(features[name].detach().to("cpu", torch.float64))
         for name in self.keep_names:
             self._kept[name].append(features[name].detach().to("cpu", torch.float32))
         self.num += sizes.pop()

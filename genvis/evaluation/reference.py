@@ -98,7 +98,8 @@ class FolderSource:
         from concurrent.futures import ThreadPoolExecutor
 
         starts = list(range(0, len(self.files), batch_size))
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        try:
             def submit(i):
                 if i >= len(starts):
                     return None, []
@@ -113,6 +114,8 @@ class FolderSource:
                 for future in futures:
                     future.result()
                 yield batch
+        finally:  # an error or an early close: the next batch's decoding is dropped, not awaited
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class NpzSource:
@@ -280,8 +283,11 @@ def read_statistics(path: Union[str, Path], metric: str = "fid") -> Tuple[np.nda
         if key not in keys:
             raise GenvisError(f"{path}: key '{key}' missing; {metric} needs {mu_key} [D] and {sigma_key} [D, D] "
                               f"(`genvis ref` writes them) or the reference images (found keys: {', '.join(keys) or 'none'})")
-    with np.load(path, allow_pickle=False) as data:
-        mu, sigma = data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as err:  # object arrays, strings, truncation
+        raise GenvisError(f"{path}: {mu_key}/{sigma_key} are not readable float arrays ({str(err).splitlines()[0]})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise GenvisError(f"{path}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape}; expected [D] and [D, D]")
     return mu, sigma
@@ -354,15 +360,15 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
 
 
 def _statistics_keys(path):
-    """The keys of `path` when it is a statistics .npz (mu/sigma..., with or without arr_0, or any .npz
-    without arr_0), else None (an image folder, image .npz, dataset config or open source)."""
+    """The keys of `path` when it is a statistics .npz (mu/sigma or mu_s/sigma_s, with or without arr_0,
+    or any .npz without arr_0), else None (an image folder, image .npz, dataset config or open source)."""
     if hasattr(path, "batches"):
         return None
     path = Path(path)
     if not (path.is_file() and path.suffix.lower() == ".npz"):
         return None
     keys = _npz_keys(path)
-    return keys if ("arr_0" not in keys or "mu" in keys) else None
+    return keys if ("arr_0" not in keys or any(FD_KEYS[m][0] in keys for m in FD_KEYS)) else None
 
 
 def check_metrics(metrics: Sequence[str]) -> Tuple[str, ...]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from genvis.cli import main
+from genvis.errors import GenvisError
 from genvis.data import DigitsDataset
 from genvis.evaluation.fid import feature_statistics, frechet_distance
 from genvis.evaluation.features import (
@@ -70,18 +71,37 @@ def _rel(x, y):
     return abs(x - y) / max(abs(y), 1e-12)
 
 
-def test_accumulator_matches_feature_statistics():
+@pytest.mark.parametrize("chunk", [1, 7, 100, 1024])
+def test_accumulator_matches_feature_statistics(chunk):
+    """Every chunk size (pairwise merges of 1-row to whole-set chunks) gives np.cov's statistics."""
     gen = torch.Generator().manual_seed(0)
     feats = 5.0 + 0.3 * torch.randn(1003, 64, generator=gen, dtype=torch.float64)  # offset mean: no cancellation
-    acc = FeatureAccumulator(stats=("f",), keep=("f",))
-    for start, stop in [(0, 1), (1, 64), (64, 500), (500, 1003)]:  # uneven batches, one of size 1
+    acc = FeatureAccumulator(stats=("f",), keep=("f",), chunk=chunk)
+    for start, stop in [(0, 1), (1, 64), (64, 64), (64, 500), (500, 1003)]:  # uneven batches, sizes 1 and 0
         acc.update({"f": feats[start:stop]})
+    assert acc.mu_sigma("f")[0].tobytes() == acc.mu_sigma("f")[0].tobytes()  # reading twice changes nothing
     mu, sigma = acc.mu_sigma("f")
     mu_ref, sigma_ref = feature_statistics(feats)
     assert acc.num == 1003 and mu.dtype == sigma.dtype == np.float64
     assert np.max(np.abs(mu - mu_ref)) <= 1e-10 * np.max(np.abs(mu_ref))
     assert np.max(np.abs(sigma - sigma_ref)) <= 1e-10 * np.max(np.abs(sigma_ref))
     assert torch.equal(acc.kept("f"), feats.float())
+
+
+def test_accumulator_refused_batch_leaves_no_trace():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, 8, generator=gen), torch.randn(300, 3, generator=gen)
+    acc = FeatureAccumulator(stats=("a", "b"), chunk=50)
+    acc.update({"a": a[:100], "b": b[:100]})
+    with pytest.raises(GenvisError, match="'b' of shape"):
+        acc.update({"a": a[100:200], "b": torch.randn(100, 4)})  # "a" is fine, "b" has the wrong width
+    with pytest.raises(GenvisError, match="missing"):
+        acc.update({"a": a[100:200]})
+    acc.update({"a": a[100:], "b": b[100:]})
+    for name, x in (("a", a), ("b", b)):
+        mu, sigma = acc.mu_sigma(name)
+        mu_ref, sigma_ref = feature_statistics(x)
+        assert acc.num == 300 and np.allclose(mu, mu_ref, atol=1e-12) and np.allclose(sigma, sigma_ref, atol=1e-12)
 
 
 def test_digits_extractor_matches_digits_module(digits_u8):
@@ -240,6 +260,10 @@ def test_sfid_inception_features_are_adm_mixed_6_conv(inception_weights):
     assert spatial.shape == (2, 2023) and expected.abs().max() > 0.05 and (expected > 0).float().mean() > 0.01
     assert (spatial - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert (pooled - expected_pooled).abs().max() <= 1e-4 * expected_pooled.abs().max()
+    # alone, or with features the network gives before Mixed_6d: the same spatial features
+    for features in (["spatial"], ["64", "spatial"], ["spatial", "192"]):
+        outputs = dict(zip(features, build_extractor("inception", weights=inception_weights, features=features)(x)))
+        assert torch.equal(outputs["spatial"], spatial), features
 
 
 def test_dataset_config_source(tmp_path):
@@ -309,10 +333,12 @@ def test_bad_image_folders(capsys, tmp_path, data, make):
     folder, expected = make(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    rc, stdout, err = _cli(capsys, ["ref", str(folder), "--out", str(out_dir / "ref.npz"), "--features", "digits"])
-    assert rc == 2 and stdout == ""
-    assert len(err.strip().splitlines()) == 1 and expected in err, err
-    assert os.listdir(out_dir) == []
+    for batch in ("64", "2"):  # one batch, or the bad file in a later batch than the first
+        rc, stdout, err = _cli(capsys, ["ref", str(folder), "--out", str(out_dir / "ref.npz"), "--features", "digits",
+                                        "--batch-size", batch, "--with-images"])
+        assert rc == 2 and stdout == ""
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
+        assert os.listdir(out_dir) == []
     rc, _, err = _cli(capsys, ["eval", "fid", str(folder), "--ref", str(data["a"]), "--features", "digits"])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err
 
@@ -327,7 +353,7 @@ def test_stats_file_without_mu(capsys, tmp_path, data):
 
 def test_unknown_metric_and_features(capsys, data):
     rc, _, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(data["a"]), "--metrics", "fid,bogus"])
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "bogus" in err and "fid, isc, kid, prc" in err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "bogus" in err and "fid, isc, kid, prc, sfid" in err
     rc, _, err = _cli(capsys, ["eval", "fid", str(data["a"]), "--ref", str(data["a"]), "--features", "clip"])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "inception, digits" in err
 

@@ -126,3 +126,35 @@ def test_rerun_with_other_metrics_extracts_features_again(model_dir, tmp_path, m
     rerun, fresh = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     for key in ("frechet_inception_distance", "inception_score_mean", "inception_score_std"):
         assert rerun[key] == fresh[key], key
+
+
+def test_assemble_rebuilds_after_a_shard_changes(tmp_path):
+    """samples.npz is kept on a rerun only if written after every shard; a changed shard or a truncated
+    samples.npz is assembled again, and a shard holding other indices is refused."""
+    from genvis.errors import GenvisError
+    from genvis.evaluation.distributed import assemble, shard_path
+    from genvis.generate import write_npz_atomic
+
+    labels = np.arange(8) % 3
+    (tmp_path / "shards").mkdir()
+
+    def write_shard(k, value, indices=None):
+        idx = np.arange(4 * k, 4 * k + 4) if indices is None else indices
+        write_npz_atomic(shard_path(tmp_path, k), arr_0=np.full((4, 2, 2, 3), value, np.uint8), labels=labels[4 * k : 4 * k + 4],
+                         indices=idx)
+
+    write_shard(0, 1)
+    write_shard(1, 2)
+    target = assemble(tmp_path, labels, 4)
+    stamp = target.stat().st_mtime_ns
+    assert assemble(tmp_path, labels, 4).stat().st_mtime_ns == stamp  # unchanged shards: kept as is
+    write_shard(1, 99)
+    os.utime(shard_path(tmp_path, 1), ns=(stamp + 10**9, stamp + 10**9))  # later than samples.npz
+    with np.load(assemble(tmp_path, labels, 4)) as f:
+        assert (f["arr_0"][:4] == 1).all() and (f["arr_0"][4:] == 99).all()
+    target.write_bytes(target.read_bytes()[:100])  # truncated by hand: rebuilt, not a traceback
+    with np.load(assemble(tmp_path, labels, 4)) as f:
+        assert (f["arr_0"][4:] == 99).all() and np.array_equal(f["labels"], labels)
+    write_shard(1, 99, indices=np.arange(8, 12))
+    with pytest.raises(GenvisError, match="other samples"):
+        assemble(tmp_path, labels, 4)
