@@ -43,7 +43,7 @@ def describe() -> str:
     from genvis.registry import SAMPLERS
     from genvis.samplers import get_sampler
     from genvis.samplers.common import sampler_options
-    from genvis.samplers.grids import GRIDS
+    from genvis.samplers.grids import GRIDS, grid_options
     from genvis.samplers.guidance import CFG_SCHEDULES
 
     lines = ["samplers (--sampler NAME, options as --option KEY=VALUE):"]
@@ -61,8 +61,7 @@ def describe() -> str:
     lines.append("")
     lines.append("grids (--grid NAME | FILE.json | t1,t2,...; options as --grid-option KEY=VALUE):")
     for name, fn in GRIDS.items():
-        params = list(inspect.signature(fn).parameters.values())[2:]
-        opts = ", ".join(f"{p.name}={p.default!r}" for p in params) or "-"
+        opts = ", ".join(f"{k}={v!r}" for k, v in grid_options(fn).items()) or "-"
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
         lines.append(f"  {name:<10} options: {opts}" + (f"  ({doc})" if doc else ""))
     lines.append("")

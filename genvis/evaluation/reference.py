@@ -316,18 +316,19 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
         raise GenvisError(f"{out}: the reference file must end in .npz")
     if not out.parent.is_dir():
         raise GenvisError(f"{out.parent}: output folder not found")
-    names = {}  # statistics key prefix -> feature layer
-    for layer in extractor.features_list:
-        names.setdefault("_s" if layer == "spatial" else "", layer)
-    if "" not in names:
+    pooled = [layer for layer in extractor.features_list if layer != "spatial"]
+    if not pooled:
         raise GenvisError(f"extractor features {list(extractor.features_list)}: a reference needs a pooled feature for mu/sigma")
+    layers = {"fid": pooled[0], **({"sfid": "spatial"} if "spatial" in extractor.features_list else {})}
     if len(source) < 2:
         raise GenvisError(f"{source.name}: {len(source)} image(s); statistics need at least 2")
+
     def statistics(batches) -> dict:
-        acc = extract(extractor, batches, FeatureAccumulator(stats=tuple(names.values())))
+        acc = extract(extractor, batches, FeatureAccumulator(stats=tuple(layers.values())))
         stats = {}
-        for suffix, layer in names.items():
-            stats[f"mu{suffix}"], stats[f"sigma{suffix}"] = acc.mu_sigma(layer)
+        for metric, layer in layers.items():
+            mu_key, sigma_key = FD_KEYS[metric]
+            stats[mu_key], stats[sigma_key] = acc.mu_sigma(layer)
         return stats
 
     if not include_images:

@@ -18,7 +18,7 @@ from genvis.diffusion.schedules import Schedule, make_schedule
 from genvis.registry import SAMPLERS
 from genvis.samplers import ddim, ddpm, dpm_solver, euler, heun, rk45, sde, unipc  # noqa: F401  (register the solvers)
 from genvis.samplers.common import check_option_types, sampler_options
-from genvis.samplers.grids import GRIDS, check_grid, make_grid
+from genvis.samplers.grids import GRIDS, make_grid
 from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
 
 
@@ -54,14 +54,10 @@ def check_options(name: str, fn: Callable, options: dict) -> None:
 
 def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:
     """The timestep grid for `steps` model evaluations of `sampler_fn` (named grids) or an explicit one."""
-    if isinstance(grid, str):
-        meta = sampler_fn.sampler_meta
-        if grid == "default" and schedule.discrete and meta.get("discrete_grid"):
-            grid = meta["discrete_grid"]
-        return make_grid(grid, schedule, meta["intervals"](steps), **(grid_options or {}))
-    if grid_options:
-        raise ValueError("grid options apply to named grids only")
-    return check_grid(grid, schedule)
+    meta = sampler_fn.sampler_meta
+    if isinstance(grid, str) and grid == "default" and schedule.discrete and meta.get("discrete_grid"):
+        grid = meta["discrete_grid"]
+    return make_grid(grid, schedule, meta["intervals"](steps), **(grid_options or {}))
 
 
 def sample(

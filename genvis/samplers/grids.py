@@ -209,19 +209,23 @@ def check_grid(grid, schedule: Schedule, what: str = "grid") -> torch.Tensor:
     return grid
 
 
+def grid_options(fn: Callable) -> Dict[str, object]:
+    """A named grid's own options and their defaults (the parameters after schedule and steps)."""
+    return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]}
+
+
 def make_grid(spec: GridSpec, schedule: Schedule, steps: int, **options) -> torch.Tensor:
     """A grid from a name (with its options, e.g. rho or shift), a JSON path, "t1,t2,..." or a list."""
     if isinstance(spec, str) and spec in GRIDS:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         fn = GRIDS[spec]
-        accepted = list(inspect.signature(fn).parameters)[2:]
+        accepted = grid_options(fn)
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ValueError(f"grid {spec!r}: unknown option(s) {', '.join(unknown)}; "
                              f"it takes: {', '.join(accepted) or 'no options'}")
-        check_option_types(f"grid {spec!r}", {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]},
-                           options)
+        check_option_types(f"grid {spec!r}", accepted, options)
         grid = fn(schedule, steps, **options)
         return check_grid(grid, schedule, f"grid {spec!r}")
     if options:

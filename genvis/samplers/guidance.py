@@ -85,21 +85,23 @@ class ClassifierFreeGuidance:
         self.schedule = schedule
         self.null_label = null_label
         self.guided = pred_channels if cfg.channels is None else min(cfg.channels, pred_channels)
-        self.calls = 0  # network evaluations since construction (a guided call counts 2)
+        # a constant scale everywhere is a Python float: no per-call tensor work or device sync
+        self.constant = cfg.interval is None and cfg.schedule == "constant"
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.schedule is not None:
-            w = self.cfg.scale_at(self.schedule.normalized_time(t.double().cpu())).to(x.device)
+        if self.constant:
+            w = self.cfg.scale
+            unguided = w == 1.0
         else:
-            w = torch.full((x.shape[0],), self.cfg.scale, dtype=torch.float64, device=x.device)
-        if bool((w == 1.0).all()):
-            self.calls += 1
+            w = self.cfg.scale_at(self.schedule.normalized_time(t.double().cpu())).to(x.device)
+            unguided = bool((w == 1.0).all())
+        if unguided:
             return self.model_fn(x, t, y)
-        self.calls += 2
         null = torch.full_like(y, self.null_label)
         out = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2)
         k = self.guided
-        w = w.to(cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
+        if not self.constant:
+            w = w.to(cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
         guided = uncond[:, :k] + w * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1)
