@@ -93,3 +93,29 @@ def test_logit_normal_times_and_denoiser_shapes():
     d = Denoiser(lambda x, tt: torch.zeros_like(x), FlowSchedule(), "velocity")
     x = torch.randn(4, 2)
     assert torch.allclose(d(x, 0.5), x)  # u = 0 -> x0 = x_t - t u = x_t
+
+
+@pytest.mark.parametrize("schedule,t", [(VP, 437.0), (FLOW, 0.37)])
+def test_score_prediction_against_the_gaussian_closed_form(schedule, t):
+    """For data N(M, S^2) the marginal score at x_t is -(x - alpha M) / (alpha^2 S^2 + sigma^2) and
+    E[x0 | x_t] = M + alpha S^2 (x - alpha M) / (alpha^2 S^2 + sigma^2): a score network's Denoiser must give
+    that x0, and the training target -eps/sigma must have that conditional mean (independent of genvis's
+    own conversion formulas)."""
+    M, S = 0.7, 1.3
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    var = alpha**2 * S**2 + sigma**2
+    x = torch.linspace(-3, 3, 13).view(13, 1)
+
+    def score_net(x_t, t_model):
+        return -(x_t - alpha * M) / var
+
+    x0 = Denoiser(score_net, schedule, "score")(x, t)
+    assert torch.allclose(x0, M + alpha * S**2 * (x - alpha * M) / var, atol=1e-5)
+    # E[-eps/sigma | x_t] by Monte Carlo over the posterior x0 | x_t ~ N(mean, S^2 sigma^2 / var)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.tensor(0.9, dtype=torch.float64)
+    post_mean = M + alpha * S**2 * (x_t - alpha * M) / var
+    x0s = post_mean + (S * sigma / math.sqrt(var)) * torch.randn(400_000, generator=g, dtype=torch.float64)
+    eps = (x_t - alpha * x0s) / sigma
+    mc = target("score", x0s, eps, alpha, sigma).mean()
+    assert abs(float(mc) - float(-(x_t - alpha * M) / var)) < 5e-3

@@ -75,9 +75,26 @@ def test_prediction_type_conversion_gives_the_same_solver(prediction_type):
     # the adapter converts genvis's prediction to the scheduler's type: the solver path must not change
     run = lambda kind: sample(eps_model, noise(2), sampler="diffusers:DPMSolverMultistepScheduler", steps=6,
                               schedule="linear", prediction="eps", scheduler_kwargs={"prediction_type": kind})
-    eps_run, other = run("epsilon"), run(prediction_type)
+    eps_run = run("epsilon")
+    seen = []
+    step = DPMSolverMultistepScheduler.step
+
+    def recording(self, model_output, timestep, sample, *args, **kwargs):
+        seen.append((self.config.prediction_type, model_output.clone(), int(timestep), sample.clone()))
+        return step(self, model_output, timestep, sample, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DPMSolverMultistepScheduler, "step", recording)
+        other = run(prediction_type)
     assert (eps_run - other).abs().max() <= 2e-6
     assert eps_run.abs().max() > 0.1  # a real output, not a degenerate one
+    # what the scheduler received is the eps network's output converted by hand to its prediction type
+    kind, output, t, x = seen[0]
+    alpha, sigma = (float(v) for v in LINEAR.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+    eps = eps_model(x, torch.full((len(x),), float(t), dtype=torch.float64))
+    x0 = (x - sigma * eps) / alpha
+    expected = alpha * eps - sigma * x0 if prediction_type == "v_prediction" else x0
+    assert kind == prediction_type and (output - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 def test_euler_adapter_equals_hand_run_and_genvis_euler():

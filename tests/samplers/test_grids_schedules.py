@@ -148,3 +148,16 @@ def test_shift_grid_keeps_both_ends_on_every_schedule(name):
 
 def test_one_step_default_grid_starts_at_the_noise_end():
     assert make_grid("default", make_schedule("linear"), 1).tolist() == [999.0, -1.0]
+
+
+@pytest.mark.parametrize("rho", [3.0, 7.0, 12.0])
+def test_karras_rho_follows_the_formula(rho):
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho between the grid's end points,
+    for any rho (not only diffusers' fixed 7)."""
+    schedule = make_schedule("linear")
+    grid = make_grid("karras", schedule, 6, rho=rho)
+    sig = torch.exp(-schedule.log_snr(grid[:-1]))
+    s_max, s_min = float(sig[0]), float(sig[-1])
+    ramp = torch.linspace(0, 1, len(sig), dtype=torch.float64)
+    expected = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    assert torch.allclose(sig, expected, rtol=1e-10)

@@ -22,8 +22,8 @@ def fake_model(learned: bool):
     return fn
 
 
-@pytest.mark.parametrize("learned", [False, True])
-def test_ddpm_matches_diffusers_ddpm_on_respaced_grid(learned):
+@pytest.mark.parametrize("learned, variance", [(False, "small"), (False, "large"), (True, "learned")])
+def test_ddpm_matches_diffusers_ddpm_on_respaced_grid(learned, variance):
     steps = 25
     timesteps = list(range(999, -1, -40))[:steps]  # a respaced grid: 999, 959, ..., 39
     timesteps[-1] = 0
@@ -31,7 +31,8 @@ def test_ddpm_matches_diffusers_ddpm_on_respaced_grid(learned):
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          variance_type="learned_range" if learned else "fixed_small", clip_sample=False)
+                          variance_type={"small": "fixed_small", "large": "fixed_large", "learned": "learned_range"}[variance],
+                          clip_sample=False)
     sched.set_timesteps(timesteps=timesteps)
     g = torch.Generator().manual_seed(1)
     x = x_T.clone()
@@ -39,22 +40,25 @@ def test_ddpm_matches_diffusers_ddpm_on_respaced_grid(learned):
         x = sched.step(model(x, t.expand(len(x))), t, x, generator=g).prev_sample
 
     grid = torch.tensor(timesteps + [-1], dtype=torch.float64)
+    options = {} if learned else {"variance": variance}
     ours = sample(model, x_T.clone(), sampler="ddpm", steps=steps, schedule="linear", prediction="eps", grid=grid,
-                  learn_sigma=learned, generator=torch.Generator().manual_seed(1))
+                  learn_sigma=learned, generator=torch.Generator().manual_seed(1), **options)
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
 
 
-@pytest.mark.parametrize("eta", [0.0])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_matches_diffusers_ddim_leading(eta):
+    """Deterministic and stochastic DDIM, noise for noise (the same generator draws in the same order)."""
     steps = 20
     model = fake_model(False)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
     sched.set_timesteps(steps)
-    x = x_T.clone()
+    x, g = x_T.clone(), torch.Generator().manual_seed(3)
     for t in sched.timesteps:
-        x = sched.step(model(x, t.expand(len(x))), t, x, eta=eta).prev_sample
+        x = sched.step(model(x, t.expand(len(x))), t, x, eta=eta, generator=g).prev_sample
     grid = torch.tensor(sched.timesteps.tolist() + [-1], dtype=torch.float64)  # 950, 900, ..., 0, clean
-    ours = sample(model, x_T.clone(), sampler="ddim", steps=steps, schedule="linear", prediction="eps", grid=grid)
+    ours = sample(model, x_T.clone(), sampler="ddim", steps=steps, schedule="linear", prediction="eps", grid=grid,
+                  eta=eta, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
