@@ -6,10 +6,7 @@ on which batch it falls in, or on how many processes share the work.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -18,6 +15,7 @@ import torch
 
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
+from genvis.io import atomic_path, write_npz_atomic
 from genvis.precision import autocast, resolve_precision
 from genvis.samplers import check_options, get_sampler, resolve_grid, sample
 from genvis.samplers.common import randn_like
@@ -146,38 +144,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _atomic_target(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def scratch_file(folder, suffix: str):
-    """A temporary file path in `folder` (e.g. for a memory-mapped .npy), removed on exit."""
-    fd, tmp = tempfile.mkstemp(prefix=".scratch.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_npz_atomic(path, **arrays) -> None:
-    """np.savez to a temporary file beside `path`, renamed when complete (removed on any error).
-    Memory-mapped arrays are written chunk by chunk, so a large arr_0 never sits in memory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
     """uint8 NHWC -> one PNG grid (2-px black padding), written atomically."""
     from PIL import Image
@@ -193,9 +159,8 @@ def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images_u8[i]
     img = Image.fromarray(canvas[..., 0] if ch == 1 else canvas)
-    tmp = _atomic_target(path)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[int] = None) -> str:
@@ -215,8 +180,6 @@ def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[
         raise GenvisError(f"{out}: exists and is not a directory; use a .png (grid), .npz or folder path")
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images_u8):
-        target = out / f"{i:06d}.png"
-        tmp = _atomic_target(target)
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-        os.replace(tmp, target)
+        with atomic_path(out / f"{i:06d}.png") as tmp:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
     return "folder"

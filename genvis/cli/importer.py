@@ -1,11 +1,10 @@
 """genvis import dit CKPT OUT_DIR --arch DiT-XL/2"""
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 
 from genvis.errors import GenvisError
+from genvis.io import load_checkpoint_file
 
 
 def add_parser(subparsers) -> None:
@@ -22,33 +21,6 @@ def add_parser(subparsers) -> None:
     d.add_argument("--tokenizer", default="sd-vae", choices=["sd-vae", "pixels"], help="space the model works in (DiT: sd-vae)")
     d.add_argument("--latent-scale", type=float, default=0.18215)
     d.set_defaults(func=run_dit)
-
-
-def load_checkpoint_file(path: Path) -> dict:
-    """A tensor-only checkpoint: safetensors, or torch.load with weights_only=True (never arbitrary pickle)."""
-    import torch
-
-    if not path.is_file():
-        raise GenvisError(f"{path}: file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:
-            raise GenvisError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its message
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        first = f"unsupported global {found.group(1)}" if found else (text.strip().splitlines() or [type(err).__name__])[0]
-        raise GenvisError(
-            f"{path}: refused: the file holds objects that need pickle to load, and genvis only loads tensors "
-            f"(weights_only=True). Re-save just the state dict (torch.save(ckpt['ema'], ...)). Detail: {first}"
-        ) from None
-    except Exception as err:
-        raise GenvisError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def run_dit(args) -> int:

@@ -1,9 +1,11 @@
-"""Parsing of repeated `KEY=VALUE` command-line options (sampler and grid options)."""
+"""Command-line options shared by several subcommands: KEY=VALUE pairs, the evaluation options."""
 from __future__ import annotations
 
 import argparse
 import json
 from typing import Dict, List, Optional
+
+from genvis.evaluation import FEATURE_SETS
 
 
 def parse_value(text: str):
@@ -35,3 +37,27 @@ def parse_pairs(items: Optional[List[str]], flag: str) -> Dict[str, object]:
             raise argparse.ArgumentTypeError(f"{flag} {item!r}: expected KEY=VALUE, e.g. order=3")
         out[key.strip()] = parse_value(value)
     return out
+
+
+def add_evaluation_options(p, device_default="cpu") -> None:
+    """--features, --inception-weights, --batch-size, --device (shared by `eval fid`, `eval sample-fid`, `ref`)."""
+    p.add_argument("--features", default="inception", metavar="NAME",
+                   help=f"feature space: {' | '.join(FEATURE_SETS)} (default inception; digits is offline)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="torch-fidelity Inception-v3 state dict (tensors only); needed offline unless it is in the "
+                   "torch hub cache")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--device", default=device_default, metavar="D",
+                   help=f"torch device for the feature extractor (default {device_default or 'the process device'})")
+
+
+def extractor_args(args) -> dict:
+    """{"features", "weights"} from checked --features / --batch-size; --inception-weights applies to the
+    inception features only."""
+    from genvis.errors import GenvisError
+    from genvis.evaluation.features import check_feature_set
+
+    check_feature_set(args.features)
+    if args.batch_size < 1:
+        raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
+    return {"features": args.features, "weights": args.inception_weights if args.features == "inception" else None}

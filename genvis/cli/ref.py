@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from genvis.cli.eval import add_evaluation_options, extractor_args
+from genvis.cli.options import add_evaluation_options, extractor_args
 
 
 def add_parser(subparsers) -> None:

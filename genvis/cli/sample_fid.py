@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from genvis.cli.eval import add_evaluation_options, extractor_args
+from genvis.cli.options import add_evaluation_options, extractor_args
 from genvis.evaluation import METRICS
 
 

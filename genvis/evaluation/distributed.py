@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -65,10 +64,9 @@ def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
             raise GenvisError(f"{out}: made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in diff)}); "
                               "use a new --out or the same settings")
     elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(".run.json.tmp")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-        os.replace(tmp, record)
+        from genvis.io import write_text_atomic
+
+        write_text_atomic(record, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) -> List[Tuple[int, int, int]]:
@@ -82,7 +80,8 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
     drops any features extracted from an earlier file of that shard."""
     import torch
 
-    from genvis.generate import generate, to_uint8, write_npz_atomic
+    from genvis.generate import generate, to_uint8
+    from genvis.io import write_npz_atomic
 
     written = []
     for k, start, stop in missing_shards(out, len(labels), shard_size, rank, world):
@@ -122,7 +121,7 @@ def shard_features(out: Path, num: int, shard_size: int, extractor, tag: str, *,
     `extractor_tag` (extractor, feature names, weights) is already there."""
     from genvis.evaluation.features import extract
     from genvis.evaluation.reference import NpzSource
-    from genvis.generate import write_npz_atomic
+    from genvis.io import write_npz_atomic
 
     layers = list(extractor.features_list)
     for k, _, _ in shard_ranges(num, shard_size):
@@ -168,7 +167,7 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
     """Concatenate the shards into out/samples.npz (arr_0 uint8 NHWC RGB, labels) with bounded memory:
     arr_0 is filled shard by shard in a scratch memory-mapped .npy, then written out chunk by chunk.
     Every shard's indices and labels are checked against the run's list."""
-    from genvis.generate import scratch_file, write_npz_atomic
+    from genvis.io import scratch_file, write_npz_atomic
 
     ranges = shard_ranges(len(labels), shard_size)
     missing = [k for k, _, _ in ranges if not shard_path(out, k).is_file()]
@@ -248,7 +247,7 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     if ref is None:
         return {"samples": str(samples), "num_samples": num}
     from genvis.evaluation.reference import compute_metrics
-    from genvis.training.checkpoint import write_json_atomic
+    from genvis.io import write_json_atomic
 
     gathered = gather_features(out, num, shard_size, extractor, tag, metrics, features)
     result = compute_metrics(None, ref, metrics=metrics, features=features, batch_size=batch_size,

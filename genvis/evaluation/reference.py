@@ -32,7 +32,7 @@ from genvis.evaluation.features import (
     extract,
 )
 from genvis.evaluation.fid import frechet_distance
-from genvis.generate import scratch_file, write_npz_atomic
+from genvis.io import scratch_file, write_npz_atomic
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CONFIG_EXTENSIONS = (".yaml", ".yml")

@@ -29,7 +29,7 @@ import torch
 from genvis.diffusion.schedules import Schedule
 from genvis.samplers import sample
 from genvis.samplers.grids import check_grid, make_grid
-from genvis.training.checkpoint import write_json_atomic
+from genvis.io import write_json_atomic
 
 Grid = Tuple[float, ...]  # interior times only, descending
 

@@ -14,11 +14,12 @@ leaves a half-written `step_*` directory; resume picks the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from genvis.io import finalize_dir
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
 
@@ -46,23 +47,6 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
 
 def read_trainer_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / "trainer_state.json").read_text())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
-def finalize_dir(tmp: Path, final: Path) -> None:
-    """Move a completed temporary directory into place (replacing an older one of the same name)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def prune_checkpoints(output_dir, keep: int) -> None:

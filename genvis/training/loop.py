@@ -23,18 +23,16 @@ from genvis.data import build_dataset
 from genvis.diffusion.objectives import objective_for
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
+from genvis.io import finalize_dir, write_json_atomic, write_text_atomic
 from genvis.models.dit import build_dit
 from genvis.precision import resolve_precision
 from genvis.training.checkpoint import (
     clean_partial,
     export_model,
-    finalize_dir,
     latest_checkpoint,
     prune_checkpoints,
     read_trainer_state,
     step_dir_name,
-    write_json_atomic,
-    write_text_atomic,
 )
 from genvis.training.ema import EMA
 

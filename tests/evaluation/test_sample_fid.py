@@ -133,7 +133,7 @@ def test_assemble_rebuilds_after_a_shard_changes(tmp_path):
     samples.npz is assembled again, and a shard holding other indices is refused."""
     from genvis.errors import GenvisError
     from genvis.evaluation.distributed import assemble, shard_path
-    from genvis.generate import write_npz_atomic
+    from genvis.io import write_npz_atomic
 
     labels = np.arange(8) % 3
     (tmp_path / "shards").mkdir()

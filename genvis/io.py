@@ -1,0 +1,159 @@
+"""Files: atomic writes (a temporary name in the same folder, renamed when complete), safe reading
+of foreign checkpoints, and where a run directory is.
+
+Every file genvis writes goes through `atomic_path` (or a helper built on it), so a killed process
+never leaves a half-written file under the final name, and the file gets the mode a plain
+`open(path, "w")` would give (0644 under umask 022), not mkstemp's 0600.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from genvis.errors import GenvisError
+
+PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; put it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_file_mode(tmp: Path) -> None:
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; on success it is renamed to `path` (replacing it) with
+    the mode of a plain write, on any error it is removed. The parent folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _plain_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_npz_atomic(path: PathLike, **arrays) -> None:
+    """np.savez to a temporary file beside `path`, renamed when complete. Memory-mapped arrays are
+    written chunk by chunk, so a large arr_0 never sits in memory."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@contextlib.contextmanager
+def scratch_file(folder: PathLike, suffix: str) -> Iterator[Path]:
+    """A temporary file path in `folder` (e.g. for a memory-mapped .npy), removed on exit."""
+    fd, tmp = tempfile.mkstemp(prefix=".scratch.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `path`; on success it replaces `path` (an older folder
+    of that name is removed only then), on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        finalize_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finalize_dir(tmp: PathLike, final: PathLike) -> None:
+    """Move a completed temporary folder into place, replacing an older one of the same name."""
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def check_writable_target(path: PathLike, what: str = "output") -> Path:
+    """Fail now, with one line, if `path` cannot be created later: a parent that is a file, or a folder
+    that does not let us write. Creates nothing."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists():  # the nearest existing ancestor decides
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GenvisError(f"{path}: cannot write the {what}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GenvisError(f"{path}: cannot write the {what}: no write permission in {parent}")
+    return path
+
+
+def find_run_dir(path: PathLike) -> Optional[Path]:
+    """The training run a path belongs to: the path itself when it holds config.yaml, or the run of a
+    checkpoint folder `RUN/checkpoints/step_XXXXXXX`; None for a plain model folder."""
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        return p
+    if p.parent.name == "checkpoints" and (p.parent.parent / "config.yaml").is_file():
+        return p.parent.parent
+    return None
+
+
+def load_checkpoint_file(path: PathLike) -> dict:
+    """A tensor-only checkpoint: safetensors, or torch.load with weights_only=True (never arbitrary pickle)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenvisError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise GenvisError(f"{path}: not a readable safetensors file ({err})") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its message
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        first = f"unsupported global {found.group(1)}" if found else (text.strip().splitlines() or [type(err).__name__])[0]
+        raise GenvisError(
+            f"{path}: refused: the file holds objects that need pickle to load, and genvis only loads tensors "
+            f"(weights_only=True). Re-save just the state dict (torch.save(ckpt['ema'], ...)). Detail: {first}"
+        ) from None
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise GenvisError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
