@@ -2,54 +2,35 @@
 
     cfg = load_config("configs/digits/dit.yaml", ["train.steps=200", "model.size=tiny"])
 
-YAML and dotted overrides are merged onto the schema in strict mode: an unknown key or a
-value of the wrong type raises ConfigError with one line naming the full key.
+RunConfig{seed, output_dir, data, tokenizer, model, task, train, sample}. `model.arch` and
+`task.name` pick registry entries (genvis.registry MODELS / TASKS) whose dataclass schemas type
+the rest of their sections, and the model's family (FAMILIES) types `sample:`. YAML and dotted
+overrides are merged onto the schema in strict mode: an unknown key or a value of the wrong type
+raises ConfigError with one line naming the full key, whatever the family. Each section then
+checks its own values (`validate()`, or the sampling dataclass's own checks). This module
+imports no model code: the registries import an entry's module when it is looked up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from genvis.errors import ConfigError
+from genvis.data import DataConfig
+from genvis.errors import ConfigError, OptionError
+from genvis.precision import PRECISIONS
+from genvis.registry import FAMILIES, MODELS, TASKS, Registry
 
 
 @dataclass
-class DataConfig:
-    name: str = "digits"  # digits | folder
-    path: Optional[str] = None  # image-folder root (class sub-folders) for name=folder
-    resolution: int = 16
-    channels: int = 1
-    random_flip: bool = False
-    num_workers: int = 0
+class TokenizerConfig:
+    """What the generator's data passes through: a tokenizer folder, or null for pixels."""
 
-
-@dataclass
-class ModelConfig:
-    arch: str = "dit"
-    size: str = "S"  # tiny | S | B | L | XL
-    patch_size: int = 2
-    depth: Optional[int] = None  # override the size's depth / width / heads (null = from size)
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
-    class_dropout: float = 0.1
-    learn_sigma: bool = True  # only for eps prediction on a discrete VP schedule (DiT's hybrid loss)
-
-
-@dataclass
-class DiffusionConfig:
-    objective: str = "eps"  # eps | v | flow
-    schedule: str = "linear"  # linear (DiT's 1000 betas) | flow
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    time_sampling: str = "uniform"  # uniform | logit_normal (flow)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    flow_shift: float = 1.0  # flow: resolution shift of the model's default sampling grid
+    path: Optional[str] = None  # a genvis tokenizer folder or a diffusers AutoencoderKL folder
+    embed: bool = True  # copy it into the exported model/tokenizer/ (else record its path)
 
 
 @dataclass
@@ -70,16 +51,20 @@ class TrainConfig:
     sample_every: int = 0  # 0 = never
     log_every: int = 50
 
-
-@dataclass
-class SampleConfig:
-    """Defaults for periodic grids during training and for `genvis sample` on this run."""
-
-    sampler: str = "ddpm"
-    steps: int = 250
-    grid: str = "default"
-    cfg: float = 1.0
-    num: int = 100
+    def validate(self) -> None:
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"key 'train.mixed_precision': {self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+        for key in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key 'train.{key}': must be >= 1, got {getattr(self, key)}")
+        for key in ("checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "warmup_steps", "lr",
+                    "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key 'train.{key}': must be >= 0, got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"key 'train.betas': {list(self.betas)}: expected two values in [0, 1)")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ConfigError(f"key 'train.ema_decay': {self.ema_decay}: expected a value in [0, 1]")
 
 
 @dataclass
@@ -87,10 +72,11 @@ class RunConfig:
     seed: int = 0
     output_dir: str = MISSING
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: Any = None  # typed by the schema of MODELS[model.arch]
+    task: Any = None  # typed by the schema of TASKS[task.name]
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: Any = None  # typed by the sampling schema of the model's family (FAMILIES)
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -103,90 +89,85 @@ def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{where}{msg}")
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Schema defaults <- YAML file <- dotted `key=value` overrides, all strictly typed."""
-    cfg = OmegaConf.structured(RunConfig)
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            file_cfg = OmegaConf.load(p)
-        except Exception as err:  # yaml syntax errors
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        try:
-            cfg = OmegaConf.merge(cfg, file_cfg)
-        except OmegaConfBaseException as err:
-            raise _wrap(err, str(path)) from None
+def _read_yaml(path: str) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as err:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections (seed, data, model, task, train, sample, ...)")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> List[DictConfig]:
+    out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=200")
-        key, value = item.split("=", 1)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+            out.append((item, OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as err:
+            raise _wrap(err, f"override {item!r}") from None
+    return out
+
+
+def _pick(raw: DictConfig, key: str, default: str, registry: Registry) -> str:
+    value = OmegaConf.select(raw, key, default=default)
+    if not isinstance(value, str) or value not in registry:
+        raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(registry.names())}")
+    return value
+
+
+def _schema(registry: Registry, name: str, key: str) -> type:
+    schema = registry.schema(name)
+    if schema is None:
+        raise ConfigError(f"key '{key}': {registry.kind} {name!r} has no config schema")
+    return schema
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Schema defaults <- YAML file <- dotted `key=value` overrides, all strictly typed."""
+    file_cfg = _read_yaml(path) if path is not None else OmegaConf.create({})
+    parsed = _parse_overrides(overrides)
+    raw = OmegaConf.merge(file_cfg, *[dotlist for _, dotlist in parsed]) if parsed else file_cfg
+
+    arch = _pick(raw, "model.arch", "dit", MODELS)
+    model_entry = MODELS.entry(arch)
+    task = _pick(raw, "task.name", str(model_entry.meta.get("task", "diffusion")), TASKS)
+    family = str(model_entry.meta["family"])
+
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.model = OmegaConf.structured(_schema(MODELS, arch, "model.arch"))
+    cfg.task = OmegaConf.structured(_schema(TASKS, task, "task.name"))
+    cfg.sample = OmegaConf.structured(_schema(FAMILIES, family, "model.arch"))
+    cfg.model.arch, cfg.task.name = arch, task
+    try:
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    except OmegaConfBaseException as err:
+        raise _wrap(err, str(path)) from None
+    for item, dotlist in parsed:
+        try:
+            cfg = OmegaConf.merge(cfg, dotlist)
         except OmegaConfBaseException as err:
             raise _wrap(err, f"override {item!r}") from None
     if OmegaConf.is_missing(cfg, "output_dir"):
         raise ConfigError("key 'output_dir': missing; set it in the YAML or as output_dir=PATH")
-    run = OmegaConf.to_object(cfg)
-    validate(run)
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OptionError as err:  # the sampling dataclass checks itself when it is made
+        raise ConfigError(f"key 'sample.{err.key}': {err.message}") from None
+    for section in (run.data, run.model, run.task, run.train):
+        section.validate()
     return run
-
-
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def validate(cfg: RunConfig) -> None:
-    """Value checks that types alone cannot express."""
-    from genvis.models.dit import DIT_SIZES
-
-    _choice("data.name", cfg.data.name, ["digits", "folder"])
-    _choice("data.channels", cfg.data.channels, [1, 3])
-    _choice("model.arch", cfg.model.arch, ["dit"])
-    _choice("model.size", cfg.model.size, list(DIT_SIZES))
-    _choice("model.patch_size", cfg.model.patch_size, [1, 2, 4, 8])
-    _choice("diffusion.objective", cfg.diffusion.objective, ["eps", "v", "flow"])
-    _choice("diffusion.schedule", cfg.diffusion.schedule, ["linear", "flow"])
-    _choice("diffusion.time_sampling", cfg.diffusion.time_sampling, ["uniform", "logit_normal"])
-    _choice("train.mixed_precision", cfg.train.mixed_precision, ["auto", "fp32", "bf16", "fp16"])
-    if cfg.diffusion.flow_shift <= 0:
-        raise ConfigError(f"key 'diffusion.flow_shift': must be > 0, got {cfg.diffusion.flow_shift}")
-    if (cfg.diffusion.objective == "flow") != (cfg.diffusion.schedule == "flow"):
-        raise ConfigError("key 'diffusion.schedule': objective 'flow' needs schedule 'flow' and the other objectives a VP schedule")
-    if cfg.data.name == "folder" and not cfg.data.path:
-        raise ConfigError("key 'data.path': data.name=folder needs the image-folder root")
-    if cfg.data.resolution % cfg.model.patch_size:
-        raise ConfigError(f"key 'model.patch_size': {cfg.model.patch_size} does not divide data.resolution={cfg.data.resolution}")
-    for key in ("train.steps", "train.batch_size", "train.grad_accum"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"key '{key}': must be >= 1")
-    for key in ("train.checkpoint_every", "train.sample_every", "train.log_every", "train.keep_checkpoints", "train.warmup_steps"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"key '{key}': must be >= 0")
-    from genvis.samplers import get_sampler
-    from genvis.samplers.grids import GRIDS
-
-    try:
-        get_sampler(cfg.sample.sampler)
-    except ValueError as err:
-        raise ConfigError(f"key 'sample.sampler': {err}") from None
-    explicit = all(_is_number(v) for v in cfg.sample.grid.split(","))
-    if cfg.sample.grid not in GRIDS and not cfg.sample.grid.endswith(".json") and not explicit:
-        raise ConfigError(f"key 'sample.grid': unknown grid {cfg.sample.grid!r}; expected one of: {', '.join(GRIDS)}, "
-                          "a .json file or t1,t2,...")
 
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The config as plain nested dicts (what config.yaml holds)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

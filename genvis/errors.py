@@ -11,3 +11,13 @@ class DataError(GenvisError):
 
 class ConfigError(GenvisError):
     """A config key or value that is unknown or of the wrong type."""
+
+
+class OptionError(GenvisError, ValueError):
+    """A bad value of one named option (a sampling field, say). `key` is the field name, so each
+    caller can name it the way its user wrote it: `sample.steps` in a config, `--steps` on the CLI."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message

@@ -1,4 +1,8 @@
-"""Model + labels + seeds -> images, and writing them out (grid PNG, PNG folder, ADM .npz).
+"""Model + tokenizer + labels + seeds -> images, and writing them out (grid PNG, PNG folder, ADM .npz).
+
+`generate` keeps what every family shares: seeding, batching, precision and decoding. Each batch
+goes to the model family's sampler (genvis.registry.FAMILIES: the ODE/SDE solvers for diffusion
+models), with the family's own options dataclass (e.g. genvis.samplers.options.DiffusionSampling).
 
 Sample i is drawn from its own generator seeded by (seed, i): its initial noise and every
 stochastic step come from that stream alone, so an image does not depend on the batch size,
@@ -6,20 +10,19 @@ on which batch it falls in, or on how many processes share the work.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError
-from genvis.io import atomic_path, write_npz_atomic
+from genvis.io import atomic_dir, atomic_path, check_writable_target, write_npz_atomic
 from genvis.precision import autocast, resolve_precision
-from genvis.samplers import check_options, get_sampler, resolve_grid, sample
-from genvis.samplers.common import randn_like
-from genvis.samplers.guidance import CFG
+from genvis.registry import FAMILIES
 
 
 def sample_seed(base: int, index: int) -> int:
@@ -35,107 +38,92 @@ def class_labels(num: int, num_classes: int, classes: Optional[Sequence[int]] = 
     """Label of sample i: classes[i % len(classes)], or i % num_classes (balanced) when classes is None."""
     if classes is None:
         classes = list(range(num_classes))
+    if len(classes) == 0:
+        raise GenvisError("classes: empty list; give one class (3) or a comma-separated list (0,1,2)")
     for c in classes:
         if not 0 <= c < num_classes:
             raise GenvisError(f"class {c} is out of range: the model has classes 0..{num_classes - 1}")
     return torch.tensor([classes[i % len(classes)] for i in range(num)], dtype=torch.long)
 
 
+def sampling_options(model, sampling=None, **fields):
+    """The family options for `model`: `sampling` (an instance of its family's dataclass), or the
+    dataclass built from `fields` (e.g. sampler="unipc", steps=10), or its defaults. Validated once,
+    when the dataclass is made."""
+    schema = FAMILIES.schema(model.family)
+    if sampling is not None and fields:
+        raise GenvisError(f"pass either sampling= or the option fields ({', '.join(fields)}), not both")
+    if sampling is None:
+        names = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise GenvisError(f"unknown sampling option(s) {', '.join(unknown)} for {model.family} models; "
+                              f"expected: {', '.join(sorted(names))}")
+        return schema(**fields)
+    if not isinstance(sampling, schema):
+        raise GenvisError(f"sampling options of type {type(sampling).__name__}: {model.family} models take {schema.__name__}")
+    return sampling
+
+
+def load_model_fields(options, device):
+    """Options whose fields name another model (field metadata "model", e.g. T-Stitch's small model)
+    with that model loaded from its path."""
+    from genvis.models import load_model
+
+    changes = {f.name: load_model(getattr(options, f.name), device=device) for f in dataclasses.fields(options)
+               if f.metadata.get("model") and isinstance(getattr(options, f.name), (str, Path))}
+    return dataclasses.replace(options, **changes) if changes else options
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """The tokenizer must decode what the model generates."""
+    expected = tokenizer.latent_channels if tokenizer is not None else None
+    if expected is not None and expected != model.sample_shape[0]:
+        raise GenvisError(f"the tokenizer's latents have {expected} channels but the model generates "
+                          f"{model.sample_shape[0]}; give the tokenizer the model was trained with")
+
+
 @torch.no_grad()
-def generate(
-    model,
-    labels: torch.Tensor,
-    *,
-    seed: int = 0,
-    start_index: int = 0,
-    sampler: str = "ddpm",
-    steps: int = 250,
-    grid="default",
-    grid_options: Optional[dict] = None,
-    cfg: float = 1.0,
-    cfg_channels: Optional[int] = None,
-    cfg_interval: Optional[Tuple[float, float]] = None,
-    cfg_schedule: str = "constant",
-    batch_size: int = 64,
-    precision: str = "auto",
-    tokenizer=None,
-    stitch_small=None,
-    stitch_fraction: float = 0.4,
-    cache_refresh: int = 1,
-    cache_keep_blocks: int = 2,
-    progress: bool = False,
-    **sampler_options,
-) -> torch.Tensor:
+def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_index: int = 0, sampling=None,
+             batch_size: int = 64, precision: str = "auto", progress: bool = False, **sampling_fields) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j).
 
-    Acceleration (genvis.samplers.accel): `stitch_small`, a smaller model of the same latent space,
-    runs the first `stitch_fraction` of the steps (T-Stitch); `cache_refresh` > 1 reuses the deep
-    DiT blocks' residual between refreshes (of the model that is running), keeping the first
-    `cache_keep_blocks` blocks fresh on every call.
+    model: a genvis generator (it declares its `family`); tokenizer: what decodes its output
+    (genvis.load_tokenizer), or None for the raw generator output (latents). sampling: the family's
+    options (DiffusionSampling for diffusion models), or give its fields as keywords
+    (`generate(model, tok, labels, sampler="unipc", steps=10, cfg=2.0)`). precision: auto | fp32 |
+    bf16 | fp16 for the network calls. progress: a bar counting sampling steps.
     """
+    if batch_size < 1:
+        raise GenvisError(f"batch_size {batch_size}: expected >= 1")
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
-    c = model.config
-    schedule = schedule_for_model(model)
-    # fail on bad names and values before any work
-    fn = get_sampler(sampler)
-    check_options(sampler, fn, sampler_options)
-    timesteps = resolve_grid(grid, schedule, fn, steps, grid_options)
-    guidance = CFG(cfg, interval=cfg_interval, schedule=cfg_schedule, channels=cfg_channels)
-    if stitch_small is not None:
-        check_stitch(model, stitch_small)
+    options = load_model_fields(sampling_options(model, sampling, **sampling_fields), device)
+    check_tokenizer(model, tokenizer)
+    family_sampler = FAMILIES.get(model.family)(model, options)
 
-    shape = (c.in_channels, c.input_size, c.input_size)
-    out = []
-    batches = range(0, len(labels), batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"sampling ({sampler}, {steps} steps)")
-    for start in batches:
-        y = labels[start : start + batch_size].to(device)
-        gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
-        x = randn_like(torch.empty(len(y), *shape), gens).to(device)
-        # a fresh wrapper per batch: a step cache must not carry a residual from the previous batch
-        network = accelerated(model, timesteps, stitch_small, stitch_fraction, cache_refresh, cache_keep_blocks)
-
-        def call(x, t, y):
-            with autocast(device, precision):
-                return network(x, t, y).float()
-
-        x0 = sample(call, x, sampler=sampler, steps=steps, schedule=schedule, prediction=c.prediction_type, grid=timesteps,
-                    cfg=guidance, null_label=model.null_class, learn_sigma=c.learn_sigma, cond={"y": y}, generator=gens,
-                    **sampler_options)
-        if tokenizer is not None:
-            x0 = tokenizer.decode(x0)
-        out.append(x0.float().cpu())
+        per_batch = family_sampler.steps_per_batch
+        batches = math.ceil(len(labels) / batch_size)
+        bar = tqdm(total=per_batch * batches if per_batch else None, unit="step",
+                   desc=f"sampling {len(labels)} ({batches} batch{'es' if batches > 1 else ''})")
+    out = []
+    try:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start : start + batch_size].to(device)
+            gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
+            x0 = family_sampler(y, gens, autocast=lambda: autocast(device, precision),
+                                callback=(lambda info: bar.update(1)) if bar is not None else None)
+            if tokenizer is not None:
+                x0 = tokenizer.decode(x0)
+            out.append(x0.float().cpu())
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.cat(out)
-
-
-STITCH_SHARED = ("in_channels", "input_size", "prediction_type", "schedule", "learn_sigma", "num_classes",
-                 "num_train_timesteps", "beta_start", "beta_end", "flow_shift", "tokenizer", "latent_scale")
-
-
-def check_stitch(model, small) -> None:
-    """T-Stitch needs two models of one latent space, schedule and prediction type."""
-    for key in STITCH_SHARED:
-        if getattr(small.config, key) != getattr(model.config, key):
-            raise GenvisError(f"T-Stitch: the small model's {key} is {getattr(small.config, key)!r}, "
-                              f"the large model's {getattr(model.config, key)!r}; both must share it")
-
-
-def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, cache_refresh: int = 1,
-                cache_keep_blocks: int = 2) -> Callable:
-    """The network call with T-Stitch and/or DiT step caching applied (the plain model without either);
-    build one per sampling run (a step cache holds state)."""
-    from genvis.samplers.accel import DiTStepCache, tstitch
-
-    def cached(m):
-        return DiTStepCache(m, refresh=cache_refresh, keep_blocks=cache_keep_blocks) if cache_refresh > 1 else m
-
-    if stitch_small is None:
-        return cached(model)
-    return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -163,23 +151,74 @@ def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
         img.save(tmp, format="PNG")
 
 
-def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[int] = None) -> str:
-    """OUT.png: a grid; OUT.npz: ADM-style (`arr_0` uint8 NHWC, 3 channels, plus `labels`);
-    anything else: a folder with one PNG per sample (000000.png, ...). Every file is written atomically."""
+MANIFEST = "samples.json"  # in a PNG folder written by save_samples: labels and provenance
+# suffixes of files genvis does not write: `--out x.jpg` is refused instead of becoming a folder
+FOREIGN_SUFFIXES = {".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".pt", ".pth", ".safetensors",
+                    ".json", ".txt", ".csv", ".yaml", ".yml"}
+
+
+def output_kind(out) -> str:
+    """"grid" (OUT.png), "npz" (OUT.npz) or "folder" (anything else without a file suffix)."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".png":
+        return "grid"
+    if suffix == ".npz":
+        return "npz"
+    if suffix in FOREIGN_SUFFIXES:
+        raise GenvisError(f"{out}: genvis does not write {suffix} files; use OUT.png (a grid), OUT.npz (ADM arr_0 + "
+                          "labels) or a folder (one PNG per sample)")
+    return "folder"
+
+
+def _earlier_output(folder: Path, source: Optional[str]) -> bool:
+    """Whether `folder` holds exactly what save_samples wrote there for `source` (and nothing else)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    present = {p.name for p in folder.iterdir()} - {MANIFEST}
+    return source is not None and manifest.get("source") == source and set(manifest.get("files", [])) == present
+
+
+def check_output(out, source: Optional[str] = None) -> str:
+    """Check, before any sampling, that `out` can be written; returns its kind (see output_kind).
+
+    A folder must be new, empty, or hold exactly the earlier output of the same `source` (which is
+    then replaced whole); anything else in it is never mixed with new images."""
+    out = Path(out)
+    kind = output_kind(out)
+    check_writable_target(out, "samples")
+    if kind != "folder" and out.is_dir():
+        raise GenvisError(f"{out}: is a folder; a {kind} output needs a file path")
+    if kind == "folder" and out.exists():
+        if not out.is_dir():
+            raise GenvisError(f"{out}: exists and is not a folder; use a .png (grid), .npz or folder path")
+        if any(out.iterdir()) and not _earlier_output(out, source):
+            raise GenvisError(f"{out}: folder is not empty; genvis writes PNG folders into a new or empty folder, or over "
+                              "its own earlier output of the same model; remove the files or choose another folder")
+    return kind
+
+
+def save_samples(images_u8: np.ndarray, labels: np.ndarray, out, nrow: Optional[int] = None,
+                 source: Optional[str] = None) -> str:
+    """OUT.png: a grid; OUT.npz: ADM-style (`arr_0` uint8 NHWC, 3 channels, plus `labels`); anything else:
+    a folder with one PNG per sample (000000.png, ...) and samples.json (labels, files, `source`),
+    written whole under a temporary name and renamed. Call check_output first."""
     from PIL import Image
 
     out = Path(out)
-    if out.suffix.lower() == ".png":
+    kind = output_kind(out)
+    if kind == "grid":
         save_grid(images_u8, out, nrow=nrow)
-        return "grid"
-    if out.suffix.lower() == ".npz":
+        return kind
+    if kind == "npz":
         arr = np.repeat(images_u8, 3, axis=-1) if images_u8.shape[-1] == 1 else images_u8
         write_npz_atomic(out, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
-        return "npz"
-    if out.exists() and not out.is_dir():
-        raise GenvisError(f"{out}: exists and is not a directory; use a .png (grid), .npz or folder path")
-    out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images_u8):
-        with atomic_path(out / f"{i:06d}.png") as tmp:
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-    return "folder"
+        return kind
+    files = [f"{i:06d}.png" for i in range(len(images_u8))]
+    with atomic_dir(out) as tmp:
+        for name, img in zip(files, images_u8):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / name, format="PNG")
+        manifest = {"source": source, "num": len(files), "labels": [int(v) for v in labels], "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return kind

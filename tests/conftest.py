@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from genvis.models.dit import DiT
+from genvis.tokenizers import PixelTokenizer, record_tokenizer
 
 TINY_DIT = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 
@@ -22,3 +23,16 @@ def random_dit():
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def save_model():
+    """save(model, path) -> path: a model folder as training exports it, the weights plus the recorded
+    pixel tokenizer (so `genvis sample path` needs no --tokenizer)."""
+
+    def save(model, path):
+        model.save_pretrained(str(path))
+        record_tokenizer(path, PixelTokenizer())
+        return path
+
+    return save

@@ -30,7 +30,21 @@ def test_yaml_and_overrides_are_typed():
         ("model.sise=tiny", "model.sise"),
         ("model.size=huge", "model.size"),
         ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=-1", "train.lr"),
+        ("train.mixed_precision=fp64", "train.mixed_precision"),
         ("data.channels=2", "data.channels"),
+        ("model.arch=unet", "model.arch"),
+        ("task.name=gan", "task.name"),
+        ("task.objectiv=flow", "task.objectiv"),
+        ("task.objective=x0", "task.objective"),
+        ("task.flow_shift=0", "task.flow_shift"),
+        ("sample.sampler=euler-ancestral", "sample.sampler"),
+        ("sample.stepz=10", "sample.stepz"),
+        ("sample.steps=0", "sample.steps"),
+        ("sample.options.order=3", "sample.options"),  # euler takes no options
+        ("sample.cfg_interval=[0.9,0.1]", "sample.cfg_interval"),
+        ("sample.grid=999,500,", "sample.grid"),
+        ("tokenizer.pth=x", "tokenizer.pth"),
     ],
 )
 def test_bad_override_names_full_key(override, key):
@@ -61,3 +75,17 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "train.stepz" in lines[0]
     assert not (tmp_path / "run").exists()  # nothing written for a bad config
+
+
+def test_sections_are_typed_by_their_registry_entries():
+    cfg = load_config(DIGITS, ["output_dir=/tmp/x", "sample.sampler=unipc", "sample.options.order=3", "sample.cfg_interval=[0.1,0.9]"])
+    assert type(cfg.model).__name__ == "DiTConfig" and type(cfg.task).__name__ == "DiffusionTaskConfig"
+    assert type(cfg.sample).__name__ == "DiffusionSampling"
+    assert cfg.sample.options == {"order": 3} and cfg.sample.cfg_interval == [0.1, 0.9]
+    assert cfg.task.objective == "flow" and cfg.model.patch_size == 4 and cfg.tokenizer.path is None
+
+
+def test_config_module_imports_no_model_code():
+    code = "import sys, genvis.config; print(sorted(m for m in sys.modules if m.startswith(('genvis.models', 'genvis.training'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

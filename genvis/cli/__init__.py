@@ -1,23 +1,26 @@
 """`genvis` command line: one module per subcommand, each with `add_parser(subparsers)`.
 
 Every subcommand sets `func(args) -> int`; bad input raises GenvisError, printed as one line
-with a non-zero exit code.
+with a non-zero exit code. Building the parser imports no torch (the subcommands import what
+they need when they run), so `genvis --help` is quick.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from genvis import __version__
+from genvis.cli.options import ArgumentParser
 from genvis.errors import GenvisError
 
 EXIT_BAD_INPUT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from genvis.cli import eval as eval_cmd
     from genvis.cli import importer, ref, sample, samplers, train
 
-    parser = argparse.ArgumentParser(prog="genvis", description="Generative image modeling: train, sample, evaluate.")
+    parser = ArgumentParser(prog="genvis", description="Generative image modeling: train, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"genvis {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (train, sample, samplers, eval_cmd, ref, importer):
         module.add_parser(subparsers)
@@ -37,7 +40,10 @@ def one_line(err: BaseException) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as one line
+        return int(done.code or 0)
     try:
         return int(args.func(args) or 0)
     except GenvisError as err:

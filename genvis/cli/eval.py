@@ -1,4 +1,4 @@
-"""genvis eval digits SAMPLES.npz | genvis eval fid SAMPLES --ref REF [options] | genvis eval sample-fid ..."""
+"""genvis eval digits SAMPLES | genvis eval fid SAMPLES --ref REF [options] | genvis eval sample-fid ..."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,12 @@ def add_parser(subparsers) -> None:
     d = sub.add_parser(
         "digits",
         help="class accuracy and Frechet distance in the digits-classifier feature space",
-        description="Reads an ADM-style .npz (arr_0 uint8 NHWC, labels) and prints JSON with class_accuracy and fd "
-        "(against the held-out digits split at the samples' resolution).",
+        description="SAMPLES: an ADM-style .npz (arr_0 uint8 [N, H, W, C], optional labels [N]) or a folder of PNG "
+        "images (labels from its samples.json, written by `genvis sample`: {\"labels\": [...], \"files\": [...]}). "
+        "Prints JSON with fd (against the held-out digits split rendered at the samples' resolution; images must be "
+        "square, at least 8x8) and, when there are labels (classes 0..9), class_accuracy.",
     )
-    d.add_argument("samples", metavar="SAMPLES.npz")
+    d.add_argument("samples", metavar="SAMPLES")
     d.set_defaults(func=run_digits)
 
     f = sub.add_parser(
@@ -40,9 +42,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_digits(args) -> int:
-    from genvis.evaluation.digits import evaluate_npz
+    from genvis.evaluation.digits import evaluate_samples
 
-    print(json.dumps(evaluate_npz(args.samples), indent=2))
+    print(json.dumps(evaluate_samples(args.samples, progress=True), indent=2))
     return 0
 
 
@@ -50,6 +52,6 @@ def run_fid(args) -> int:
     from genvis.evaluation.reference import compute_metrics
 
     result = compute_metrics(args.samples, args.ref, metrics=args.metrics.split(","), **extractor_args(args),
-                             batch_size=args.batch_size, device=args.device, split=args.split)
+                             batch_size=args.batch_size, device=args.device, split=args.split, progress=True)
     print(json.dumps(result, indent=2))
     return 0

@@ -15,17 +15,22 @@ def add_parser(subparsers) -> None:
         help="official DiT / SiT-layout checkpoint (.pt state dict or training checkpoint, or .safetensors)",
         description="Loads with torch.load(weights_only=True): a file that needs pickle is refused.",
     )
-    d.add_argument("checkpoint", metavar="CKPT")
-    d.add_argument("out", metavar="OUT_DIR")
+    d.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt or .safetensors)")
+    d.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
     d.add_argument("--arch", required=True, help="e.g. DiT-XL/2, DiT-S/2")
-    d.add_argument("--tokenizer", default="sd-vae", choices=["sd-vae", "pixels"], help="space the model works in (DiT: sd-vae)")
-    d.add_argument("--latent-scale", type=float, default=0.18215)
+    d.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the tokenizer whose latents the model generates, recorded in the model folder so that "
+                   "`genvis sample OUT_DIR` needs no flag: for official DiT a local diffusers AutoencoderKL folder "
+                   "(sd-vae-ft-ema or sd-vae-ft-mse; its config holds the 0.18215 scaling factor). Default: none recorded")
+    d.add_argument("--embed-tokenizer", action="store_true",
+                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
     d.set_defaults(func=run_dit)
 
 
 def run_dit(args) -> int:
+    from genvis.io import atomic_dir
     from genvis.models.dit import DiT, checkpoint_filter_fn, dit_config, infer_dit_config, parse_arch
-    from genvis.training.checkpoint import export_model
+    from genvis.tokenizers import record_tokenizer
 
     try:
         size, patch = parse_arch(args.arch)
@@ -46,8 +51,15 @@ def run_dit(args) -> int:
         if inferred[key] != config[key]:
             raise GenvisError(f"{ckpt_path}: {key} is {inferred[key]} but --arch {args.arch} has {config[key]}")
     config.update({k: v for k, v in inferred.items() if k not in ("hidden_size", "depth")})
-    model = DiT(**config, prediction_type="eps", schedule="linear", tokenizer=args.tokenizer,
-                latent_scale=args.latent_scale if args.tokenizer == "sd-vae" else 1.0)
+    tokenizer = None
+    if args.tokenizer is not None:
+        from genvis.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer.latent_channels not in (None, config["in_channels"]):
+            raise GenvisError(f"--tokenizer {args.tokenizer}: its latents have {tokenizer.latent_channels} channels, the "
+                              f"checkpoint's model takes {config['in_channels']}")
+    model = DiT(**config, prediction_type="eps", schedule="linear")
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -60,7 +72,9 @@ def run_dit(args) -> int:
             parts.append(f"unexpected {', '.join(result.unexpected_keys[:5])}{' ...' if len(result.unexpected_keys) > 5 else ''}")
         raise GenvisError(f"{ckpt_path}: keys do not match {args.arch}: {'; '.join(parts)}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model.eval(), out)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
     print(f"imported {args.arch} ({model.num_params() / 1e6:.2f}M parameters) to {out}")
     return 0

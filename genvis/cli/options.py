@@ -1,11 +1,44 @@
-"""Command-line options shared by several subcommands: KEY=VALUE pairs, the evaluation options."""
+"""Command-line pieces shared by several subcommands: the parser and help format, KEY=VALUE pairs,
+the sampling flags (`genvis sample` and `genvis eval sample-fid`), devices, the evaluation options.
+
+Nothing here imports torch at import time: `genvis --help` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from typing import Dict, List, Optional
 
+from genvis.errors import GenvisError, OptionError
 from genvis.evaluation import FEATURE_SETS
+from genvis.precision import PRECISIONS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`genvis sample: error: ...`) and no abbreviated flags: torchrun
+    would claim an abbreviation that is a prefix of one of its own options."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, except None / False (nothing to show) or where the
+    help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parse_value(text: str):
@@ -61,3 +94,127 @@ def extractor_args(args) -> dict:
     if args.batch_size < 1:
         raise GenvisError(f"--batch-size {args.batch_size}: expected a positive integer")
     return {"features": args.features, "weights": args.inception_weights if args.features == "inception" else None}
+
+
+# --------------------------------------------------------------------------- sampling flags
+
+# flag dest -> DiffusionSampling field
+SAMPLING_FLAGS = {
+    "sampler": "sampler", "steps": "steps", "grid": "grid", "grid_option": "grid_options", "option": "options",
+    "cfg": "cfg", "cfg_channels": "cfg_channels", "cfg_interval": "cfg_interval", "cfg_schedule": "cfg_schedule",
+    "stitch_small": "stitch_small", "stitch_fraction": "stitch_fraction", "cache_refresh": "cache_refresh",
+    "cache_keep_blocks": "cache_keep_blocks",
+}
+FIELD_FLAGS = {**{field: "--" + dest.replace("_", "-") for dest, field in SAMPLING_FLAGS.items()}, "num": "--num-samples"}
+
+
+def _interval(text: str) -> List[float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two numbers T_LO,T_HI, e.g. 0.1,0.9") from None
+    return [lo, hi]
+
+
+def add_sampling_options(p) -> None:
+    """The sampling flags of `genvis sample` and `genvis eval sample-fid`. Unset flags take the run's
+    `sample:` defaults (a run directory or checkpoint), else the DiffusionSampling defaults."""
+    from genvis.registry import SAMPLERS
+    from genvis.samplers.options import DiffusionSampling
+
+    d = {f.name: f.default for f in dataclasses.fields(DiffusionSampling) if f.default is not dataclasses.MISSING}
+
+    def default(field):
+        return f"default: the run's sample.{field}, else {d[field]}"
+
+    g = p.add_argument_group("sampling (unset flags take the run's sample: section; see `genvis samplers`)")
+    g.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"{' | '.join(SAMPLERS.names())} | diffusers:<SchedulerClass> ({default('sampler')})")
+    g.add_argument("--steps", type=int, default=None, metavar="N", help=f"model evaluations per sample ({default('steps')})")
+    g.add_argument("--grid", default=None, metavar="GRID",
+                   help=f"timestep grid: a name (`genvis samplers`), a .json file, or t1,t2,... ({default('grid')})")
+    g.add_argument("--grid-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="named grid option, repeatable, e.g. rho=5 or shift=3 (default: the run's, if --grid is unset)")
+    g.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="sampler option, repeatable, e.g. order=3 or variant=bh1 (default: the run's, if --sampler is unset)")
+    g.add_argument("--cfg", type=float, default=None, metavar="SCALE",
+                   help=f"classifier-free guidance scale, 1 = none ({default('cfg')})")
+    g.add_argument("--cfg-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K output channels (official DiT: 3) (default: all)")
+    g.add_argument("--cfg-interval", type=_interval, default=None, metavar="T_LO,T_HI",
+                   help="guide only for normalised times t_lo < u <= t_hi (u: 0 data, 1 noise); other steps cost one call "
+                   "(default: every step)")
+    g.add_argument("--cfg-schedule", default=None, metavar="NAME", help=f"guidance scale over time: constant | linear "
+                   f"({default('cfg_schedule')})")
+    g.add_argument("--stitch-small", default=None, metavar="RUN_OR_MODEL",
+                   help="T-Stitch: a smaller model of the same latent space runs the first --stitch-fraction of the steps "
+                   "(default: none)")
+    g.add_argument("--stitch-fraction", type=float, default=None, metavar="F", help=f"({default('stitch_fraction')})")
+    g.add_argument("--cache-refresh", type=int, default=None, metavar="N",
+                   help=f"DiT step caching: run the deep blocks every N-th call only, 1 = off ({default('cache_refresh')})")
+    g.add_argument("--cache-keep-blocks", type=int, default=None, metavar="K",
+                   help=f"blocks computed on every call when caching ({default('cache_keep_blocks')})")
+
+
+def flag_error(err: OptionError) -> GenvisError:
+    """An OptionError about a sampling field, named by its flag."""
+    return GenvisError(f"{FIELD_FLAGS.get(err.key, err.key)}: {err.message}")
+
+
+def run_sampling_defaults(path, family: str):
+    """The sampling options of the run that `path` belongs to (its config.yaml `sample:` section, typed
+    by the family's schema), or the schema's defaults for a plain model folder."""
+    from genvis.io import find_run_dir
+    from genvis.registry import FAMILIES
+
+    run = find_run_dir(path)
+    if run is None:
+        return FAMILIES.schema(family)()
+    from genvis.config import load_config
+
+    return load_config(str(run / "config.yaml")).sample
+
+
+def sampling_from_args(args, path, family: str):
+    """The family's sampling options: the run's defaults, with every flag the user set on top. A flag
+    --sampler drops the run's sampler options, and --grid its grid options (they belong to them)."""
+    base = run_sampling_defaults(path, family)
+    changes = {}
+    for dest, field in SAMPLING_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest in ("option", "grid_option"):
+            try:
+                value = parse_pairs(value, "--" + dest.replace("_", "-"))
+            except argparse.ArgumentTypeError as err:
+                raise GenvisError(str(err)) from None
+        changes[field] = value
+    if "sampler" in changes and changes["sampler"] != base.sampler:
+        changes.setdefault("options", {})
+    if "grid" in changes and changes["grid"] != base.grid:
+        changes.setdefault("grid_options", {})
+    try:
+        return dataclasses.replace(base, **changes)
+    except OptionError as err:
+        raise flag_error(err) from None
+
+
+def check_device(name: str) -> str:
+    """A device name torch accepts and this machine has (one line otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GenvisError(f"--device {name!r}: {str(err).splitlines()[0]}; expected e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenvisError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise GenvisError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def add_precision_option(p, default: str = "auto") -> None:
+    p.add_argument("--precision", default=default, choices=PRECISIONS,
+                   help="network precision: auto = bf16 where the hardware runs it natively, else fp32")

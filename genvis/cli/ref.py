@@ -31,6 +31,7 @@ def run(args) -> int:
     source = open_source(args.data, split=args.split)
     extractor = build_extractor(chosen["features"], weights=chosen["weights"], device=args.device,
                                 features=[STATS_LAYER[args.features], SPATIAL_LAYER[args.features]])
-    info = write_reference(source, args.out, extractor, batch_size=args.batch_size, include_images=args.with_images)
+    info = write_reference(source, args.out, extractor, batch_size=args.batch_size, include_images=args.with_images,
+                           progress=True)
     print(json.dumps({**info, "features": args.features, "source": source.name}, indent=2))
     return 0

@@ -1,10 +1,9 @@
-"""genvis eval sample-fid RUN --num N --ref REF --out DIR: sharded, resumable sampling + evaluation."""
+"""genvis eval sample-fid RUN --num-samples N --out DIR [--ref REF]: sharded, resumable sampling + evaluation."""
 from __future__ import annotations
 
-import argparse
 import json
 
-from genvis.cli.options import add_evaluation_options, extractor_args
+from genvis.cli.options import add_evaluation_options, add_precision_option, add_sampling_options, extractor_args
 from genvis.evaluation import METRICS
 
 
@@ -15,49 +14,45 @@ def add_parser(eval_subparsers) -> None:
         description="Sample i uses label i of a fixed list and seed (SEED, i), so the images and the metric do not "
         "depend on the number of processes or the batch size. Finished shards (DIR/shards/) are written atomically "
         "and a rerun samples only the missing ones; the result is DIR/samples.npz (ADM style) and DIR/metrics.json. "
-        "Run under `accelerate launch -m genvis eval sample-fid ...` for several GPUs.",
+        "Sampling flags default to the run's sample: section, as for `genvis sample`. "
+        "Run under `accelerate launch -m genvis eval sample-fid ...` or torchrun for several processes.",
     )
-    p.add_argument("model", metavar="RUN_OR_MODEL")
-    p.add_argument("--num", type=int, required=True)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--ref", default=None, help="reference: image folder, .npz (arr_0 or mu/sigma), dataset config; "
-                   "omitted: sample only")
-    p.add_argument("--labels", default="uniform", help="uniform (seeded draws, DiT's protocol) | balanced (i %% classes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddpm")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--grid", default="default")
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--cfg-channels", type=int, default=None)
-    p.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (the unit of resumption)")
-    p.add_argument("--precision", default="auto")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, for latent models (e.g. imported DiT)")
-    p.add_argument("--metrics", default="fid", metavar="LIST", help=f"comma-separated, from {','.join(METRICS)} (default fid)")
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="run directory, checkpoint folder or model folder")
+    p.add_argument("--num-samples", type=int, required=True, metavar="N", help="number of samples (DiT's protocol: 50000)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (shards, samples.npz, metrics.json, run.json)")
+    p.add_argument("--ref", default=None, help="reference: image folder, .npz (arr_0 or mu/sigma), dataset config "
+                   "(default: none, sample only)")
+    p.add_argument("--labels", default="uniform", choices=["uniform", "balanced"],
+                   help="uniform: seeded draws (DiT's protocol); balanced: sample i gets class i %% classes")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed (SEED, i); uniform labels are drawn from SEED")
+    add_sampling_options(p)
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard file (the unit of resumption)")
+    add_precision_option(p)
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="decode with this tokenizer folder instead of the one the model records")
+    p.add_argument("--metrics", default="fid", metavar="LIST", help=f"comma-separated, from {','.join(METRICS)}")
     add_evaluation_options(p, device_default=None)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from genvis.cli.options import parse_pairs
-    from genvis.errors import GenvisError
+    from genvis.cli.options import check_device, flag_error, sampling_from_args
+    from genvis.errors import OptionError
     from genvis.evaluation.distributed import run_sample_fid
-    from genvis.samplers import check_options, get_sampler
+    from genvis.models import model_class
 
-    try:
-        options = parse_pairs(args.option, "--option")
-        check_options(args.sampler, get_sampler(args.sampler), options)
-    except (ValueError, argparse.ArgumentTypeError) as err:
-        raise GenvisError(str(err)) from None
+    if args.device is not None:
+        check_device(args.device)
+    sampling = sampling_from_args(args, args.model, model_class(args.model).family)
     try:
         result = run_sample_fid(
-            args.model, args.out, num=args.num, ref=args.ref, label_mode=args.labels, seed=args.seed,
+            args.model, args.out, num=args.num_samples, ref=args.ref, label_mode=args.labels, seed=args.seed,
             shard_size=args.shard_size, batch_size=args.batch_size, metrics=args.metrics.split(","),
-            **extractor_args(args), device=args.device, vae=args.vae, sampler=args.sampler, steps=args.steps,
-            grid=args.grid, cfg=args.cfg, cfg_channels=args.cfg_channels, precision=args.precision, **options,
+            **extractor_args(args), device=args.device, tokenizer=args.tokenizer, sampling=sampling,
+            precision=args.precision,
         )
-    except ValueError as err:
-        raise GenvisError(str(err)) from None
+    except OptionError as err:
+        raise flag_error(err) from None
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0

@@ -6,6 +6,8 @@ import inspect
 
 
 def add_parser(subparsers) -> None:
+    from genvis.cli.options import add_precision_option
+
     p = subparsers.add_parser("samplers", help="list samplers, timestep grids and their options; search a grid",
                               description="Without an action: lists every sampler (what --steps means for it, its --option keys "
                               "and defaults), every timestep grid (--grid, --grid-option), the schedules and the guidance options.")
@@ -17,20 +19,21 @@ def add_parser(subparsers) -> None:
         "'reference' (RMS distance to a tight rk45 solution from the same noise) or 'digits' (Frechet distance of the "
         "samples in the digits-classifier feature space). The best grid is written to OUT (a .json) atomically.",
     )
-    s.add_argument("model", metavar="RUN_OR_MODEL")
-    s.add_argument("--sampler", default="ddim")
-    s.add_argument("--steps", type=int, required=True, help="model evaluations per sample")
-    s.add_argument("--out", required=True, help="grid file to write (.json); use it with genvis sample --grid OUT")
-    s.add_argument("--metric", default="reference", choices=["reference", "digits"])
-    s.add_argument("--num", type=int, default=64, help="samples scored per candidate grid")
-    s.add_argument("--cfg", type=float, default=1.0)
-    s.add_argument("--population", type=int, default=16)
-    s.add_argument("--generations", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--reference-tol", type=float, default=1e-5, help="rk45 rtol = atol of the reference solution")
-    s.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option")
-    s.add_argument("--precision", default="fp32")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("model", metavar="RUN_OR_MODEL", help="run directory, checkpoint folder or model folder")
+    s.add_argument("--sampler", default="ddim", metavar="NAME", help="the sampler to search a grid for")
+    s.add_argument("--steps", type=int, required=True, metavar="N", help="model evaluations per sample")
+    s.add_argument("--out", required=True, metavar="OUT.json", help="grid file to write; use it with genvis sample --grid OUT")
+    s.add_argument("--metric", default="reference", choices=["reference", "digits"],
+                   help="reference: RMS distance to an rk45 solution; digits: Frechet distance in the digits feature space")
+    s.add_argument("--num-samples", type=int, default=64, metavar="N", help="samples scored per candidate grid")
+    s.add_argument("--cfg", type=float, default=1.0, metavar="SCALE", help="classifier-free guidance scale")
+    s.add_argument("--population", type=int, default=16, metavar="N", help="grids per generation")
+    s.add_argument("--generations", type=int, default=10, metavar="N", help="generations to evolve")
+    s.add_argument("--seed", type=int, default=0, help="seed of the samples and of the search")
+    s.add_argument("--reference-tol", type=float, default=1e-5, metavar="TOL", help="rk45 rtol = atol of the reference solution")
+    s.add_argument("--option", action="append", default=None, metavar="KEY=VALUE", help="sampler option, repeatable")
+    add_precision_option(s, default="fp32")
+    s.add_argument("--device", default="cpu", metavar="D", help="torch device")
     s.set_defaults(func=run_search)
 
 
@@ -77,7 +80,7 @@ def run(args) -> int:
 
 
 def run_search(args) -> int:
-    from genvis.cli.options import parse_pairs
+    from genvis.cli.options import check_device, parse_pairs
     from genvis.diffusion.schedules import schedule_for_model
     from genvis.errors import GenvisError
     from genvis.generate import class_labels, generate
@@ -87,8 +90,8 @@ def run_search(args) -> int:
 
     if not args.out.endswith(".json"):
         raise GenvisError(f"--out {args.out}: expected a .json file")
-    if args.steps < 1 or args.num < 2 or args.population < 2 or args.generations < 0:
-        raise GenvisError("--steps must be >= 1, --num and --population >= 2, --generations >= 0")
+    if args.steps < 1 or args.num_samples < 2 or args.population < 2 or args.generations < 0:
+        raise GenvisError("--steps must be >= 1, --num-samples and --population >= 2, --generations >= 0")
     try:
         options = parse_pairs(args.option, "--option")
         fn = get_sampler(args.sampler)
@@ -97,17 +100,19 @@ def run_search(args) -> int:
         raise GenvisError(str(err)) from None
     if fn.sampler_meta["stochastic"] and args.metric == "reference":
         raise GenvisError(f"--sampler {args.sampler}: the reference metric needs a deterministic (ODE) sampler")
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=check_device(args.device))
     schedule = schedule_for_model(model)
-    labels = class_labels(args.num, model.num_classes)
-    common = dict(seed=args.seed, cfg=args.cfg, batch_size=args.num, precision=args.precision)
+    labels = class_labels(args.num_samples, model.num_classes)
+    # scored in the generator's own output space (no tokenizer decode)
+    common = dict(seed=args.seed, cfg=args.cfg, batch_size=args.num_samples, precision=args.precision)
 
     def run_grid(grid, sampler=args.sampler, **opts):
-        return generate(model, labels, sampler=sampler, steps=len(grid) - 1, grid=grid, **common, **opts)
+        return generate(model, None, labels, sampler=sampler, steps=len(grid) - 1, grid=grid, options=opts, **common)
 
     if args.metric == "reference":
         print(f"reference solution: rk45, tolerance {args.reference_tol:g} ...", flush=True)
-        ref = generate(model, labels, sampler="rk45", steps=1, rtol=args.reference_tol, atol=args.reference_tol, **common)
+        ref = generate(model, None, labels, sampler="rk45", steps=1,
+                       options={"rtol": args.reference_tol, "atol": args.reference_tol}, **common)
         score = rms_score(lambda grid: run_grid(grid, **options), ref)
     else:
         from genvis.evaluation.digits import digits_metrics
@@ -124,6 +129,6 @@ def run_search(args) -> int:
     for h in history:
         print(f"generation {h['generation']:>3}: best {args.metric} {h['best_score']:.5g} ({h['evaluations']} grids scored)")
     save_grid_json(args.out, best, schedule, {"sampler": args.sampler, "metric": args.metric, "score": best_score,
-                                              "cfg": args.cfg, "num": args.num})
+                                              "cfg": args.cfg, "num": args.num_samples})
     print(f"wrote {args.out}: {[round(v, 4) for v in best.tolist()]}")
     return 0

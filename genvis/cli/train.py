@@ -5,12 +5,15 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a generator from a YAML config (resumes an existing output_dir)",
-        description="Train from CONFIG with dotted overrides, e.g. `genvis train configs/digits/dit.yaml train.steps=200 model.size=tiny`. "
-        "Rerunning on an existing output_dir resumes from its last checkpoint.",
+        help="train from a YAML config (the config's task says what: a generator, a tokenizer, ...)",
+        description="Train from CONFIG, optionally with dotted overrides, e.g. `genvis train configs/digits/dit.yaml "
+        "train.steps=200 model.size=tiny`. Keys are strictly typed: a typo or a wrong type is one error line naming "
+        "the key. Rerunning on an existing output_dir resumes from its last checkpoint; the rerun may change only "
+        "train.steps (upward), the log/checkpoint/sample cadences and sample.* (recorded in config_changes.jsonl).",
     )
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (strict: unknown keys are errors)")
+    p.add_argument("config", metavar="CONFIG", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="optional dotted overrides, e.g. train.steps=200 output_dir=runs/try")
     p.set_defaults(func=run)
 
 

@@ -5,13 +5,39 @@
 """
 from __future__ import annotations
 
-from genvis.config import DataConfig
+from dataclasses import dataclass
+from typing import Optional
+
 from genvis.data.digits import DigitsDataset, load_digits_arrays
 from genvis.data.folder import ImageFolderDataset
-from genvis.errors import DataError
+from genvis.errors import ConfigError, DataError
 from genvis.registry import DATASETS
 
-__all__ = ["build_dataset", "DigitsDataset", "ImageFolderDataset", "load_digits_arrays"]
+__all__ = ["DataConfig", "build_dataset", "DigitsDataset", "ImageFolderDataset", "load_digits_arrays"]
+
+
+@dataclass
+class DataConfig:
+    """The run config's `data:` section."""
+
+    name: str = "digits"  # digits | folder
+    path: Optional[str] = None  # image-folder root (class sub-folders) for name=folder
+    resolution: int = 16
+    channels: int = 1
+    random_flip: bool = False
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.name not in DATASETS:
+            raise ConfigError(f"key 'data.name': {self.name!r} is not one of {', '.join(DATASETS.names())}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"key 'data.channels': {self.channels} is not one of 1, 3")
+        if self.resolution < 1:
+            raise ConfigError(f"key 'data.resolution': must be >= 1, got {self.resolution}")
+        if self.num_workers < 0:
+            raise ConfigError(f"key 'data.num_workers': must be >= 0, got {self.num_workers}")
+        if self.name == "folder" and not self.path:
+            raise ConfigError("key 'data.path': data.name=folder needs the image-folder root")
 
 
 @DATASETS.register("digits")

@@ -74,8 +74,8 @@ def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) 
     return [s for s in shard_ranges(num, shard_size) if s[0] % world == rank and not shard_path(out, s[0]).is_file()]
 
 
-def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
-                  batch_size: int, progress: bool = False, **generate_options) -> List[int]:
+def sample_shards(model, tokenizer, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
+                  batch_size: int, sampling, precision: str = "auto", progress: bool = False) -> List[int]:
     """Sample this process's missing shards; returns the shard numbers it wrote. A shard sampled anew
     drops any features extracted from an earlier file of that shard."""
     import torch
@@ -89,12 +89,12 @@ def sample_shards(model, out: Path, labels: np.ndarray, *, seed: int, shard_size
         for stale in (out / "shards").glob(f"features_*_{k:06d}.npz"):
             stale.unlink()
         (out / "samples.npz").unlink(missing_ok=True)  # assembled from the shards before this one was redone
-        images = generate(model, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
-                          batch_size=batch_size, **generate_options)
-        write_npz_atomic(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
-        written.append(k)
         if progress:
             print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
+        images = generate(model, tokenizer, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
+                          sampling=sampling, batch_size=batch_size, precision=precision, progress=progress)
+        write_npz_atomic(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
+        written.append(k)
     return written
 
 
@@ -196,17 +196,23 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
 
 def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode: str = "balanced", seed: int = 0,
                    shard_size: int = 1000, batch_size: int = 64, metrics=("fid",), features: str = "inception",
-                   weights: Optional[str] = None, device: Optional[str] = None, vae: Optional[str] = None,
-                   progress: bool = True, **generate_options) -> Optional[Dict]:
+                   weights: Optional[str] = None, device: Optional[str] = None, tokenizer: Optional[str] = None,
+                   sampling=None, precision: str = "auto", progress: bool = True) -> Optional[Dict]:
     """Sample N images over all Accelerate processes, resumably, then (main process) assemble samples.npz
-    and compute the metrics against `ref`. Returns the metrics on the main process (None elsewhere)."""
+    and compute the metrics against `ref`. Returns the metrics on the main process (None elsewhere).
+
+    sampling: the model family's options (e.g. DiffusionSampling; default: its defaults); tokenizer: a
+    tokenizer folder to decode with instead of the one the model records."""
+    import dataclasses
+
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from genvis.models import load_model, read_model_config
+    from genvis.models import load_model, model_class, read_model_config
+    from genvis.registry import FAMILIES
 
     if num < 1 or shard_size < 1 or batch_size < 1:
-        raise GenvisError("--num, --shard-size and --batch-size must be >= 1")
+        raise GenvisError("--num-samples, --shard-size and --batch-size must be >= 1")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(out)
     device = device or str(state.device)
@@ -214,8 +220,11 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise GenvisError(f"{model_path}: config.json has no num_classes (a class-conditional generator is needed)")
     labels = label_list(num, num_classes, label_mode, seed)
+    if sampling is None:
+        sampling = FAMILIES.schema(model_class(model_path).family)()
+    sampling_record = {k: v for k, v in dataclasses.asdict(sampling).items() if k != "num"}
     settings = {"model": str(Path(model_path).resolve()), "num": num, "labels": label_mode, "seed": seed,
-                "shard_size": shard_size, "vae": vae, **generate_options}
+                "shard_size": shard_size, "tokenizer": tokenizer, "precision": precision, **sampling_record}
     settings = json.loads(json.dumps(settings, default=str))
     if state.is_main_process:
         check_settings(out, settings, True)
@@ -231,12 +240,12 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     rank, world = state.process_index, state.num_processes
     if missing_shards(out, num, shard_size, rank, world):  # a finished run's rerun loads no generator
-        from genvis.tokenizers import tokenizer_for_model
+        from genvis.tokenizers import load_tokenizer
 
         model = load_model(model_path, device=device)
-        tokenizer = tokenizer_for_model(model, vae, device=device)  # decodes latents; the identity for pixel models
-        sample_shards(model, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world,
-                      batch_size=batch_size, progress=progress, tokenizer=tokenizer, **generate_options)
+        decoder = load_tokenizer(tokenizer or model_path, device=device)
+        sample_shards(model, decoder, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world,
+                      batch_size=batch_size, sampling=sampling, precision=precision, progress=progress)
     if extractor is not None:
         tag = extractor_tag(extractor)
         shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size)

@@ -353,7 +353,8 @@ class FeatureAccumulator:
 
 
 def extract(extractor, batches: Iterable[torch.Tensor], accumulator: Optional[FeatureAccumulator] = None,
-            *, stats: Sequence[str] = (), keep: Sequence[str] = ()) -> FeatureAccumulator:
+            *, stats: Sequence[str] = (), keep: Sequence[str] = (), progress: bool = False,
+            total: Optional[int] = None, desc: str = "features") -> FeatureAccumulator:
     """Run `extractor` over uint8 [B, 3, H, W] batches under torch.no_grad, feeding an accumulator.
 
     Args:
@@ -362,18 +363,27 @@ def extract(extractor, batches: Iterable[torch.Tensor], accumulator: Optional[Fe
         batches: iterable of uint8 [B, 3, H, W] tensors.
         accumulator: where to add the features; a new FeatureAccumulator(stats, keep) when None
             (default stats: every feature the extractor produces).
+        progress: show a tqdm bar of images done on stderr (default False). It is shown only when
+            stderr is a terminal, so logs and captured output get no carriage-return lines.
+        total: the number of images the batches hold, for the bar (None: a count without a total).
+        desc: the bar's label.
 
     Returns:
         The accumulator.
     """
+    from tqdm.auto import tqdm
+
     if accumulator is None:
         accumulator = FeatureAccumulator(stats=stats if (stats or keep) else extractor.features_list, keep=keep)
     missing = [name for name in accumulator.names if name not in extractor.features_list]
     if missing:
         raise GenvisError(f"features {missing}: the extractor only computes {list(extractor.features_list)}")
     device = next(extractor.parameters()).device
-    with torch.no_grad():
+    # disable=None: tqdm turns itself off when stderr is not a terminal
+    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
+                               disable=None if progress else True) as bar:
         for batch in batches:
             out = extractor.convert_features_tuple_to_dict(extractor(batch.to(device)))
             accumulator.update(out)
+            bar.update(int(batch.shape[0]))
     return accumulator

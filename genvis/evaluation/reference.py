@@ -250,6 +250,11 @@ def _npz_keys(path: Path) -> Sequence[str]:
         raise GenvisError(f"{path}: cannot read as .npz ({err})") from None
 
 
+def _length(source):
+    """The number of images of a source, or None when it does not say (an open source without __len__)."""
+    return len(source) if hasattr(source, "__len__") else None
+
+
 def open_source(path, split: str = "train"):
     """An image source for `path`: a folder, an .npz/.npy with `arr_0`, or a dataset config YAML.
 
@@ -293,7 +298,8 @@ def read_statistics(path: Union[str, Path], metric: str = "fid") -> Tuple[np.nda
     return mu, sigma
 
 
-def write_reference(source, out, extractor, batch_size: int = 64, include_images: bool = False) -> dict:
+def write_reference(source, out, extractor, batch_size: int = 64, include_images: bool = False,
+                    progress: bool = False) -> dict:
     """Write ADM-format reference statistics of `source` to `out` (.npz), atomically.
 
     Args:
@@ -303,6 +309,7 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
             computes it; and with include_images also `arr_0` uint8 [N, H, W, 3].
         extractor: from `build_extractor`.
         batch_size: images per extractor call.
+        progress: a progress bar of the feature extraction on stderr (see `extract`).
 
     The file appears only complete: it is written to a temporary file in the same folder and
     renamed; on any error the temporary file is removed and `out` is left as it was.
@@ -324,7 +331,8 @@ def write_reference(source, out, extractor, batch_size: int = 64, include_images
         raise GenvisError(f"{source.name}: {len(source)} image(s); statistics need at least 2")
 
     def statistics(batches) -> dict:
-        acc = extract(extractor, batches, FeatureAccumulator(stats=tuple(layers.values())))
+        acc = extract(extractor, batches, FeatureAccumulator(stats=tuple(layers.values())), progress=progress,
+                      total=len(source), desc="reference")
         stats = {}
         for metric, layer in layers.items():
             mu_key, sigma_key = FD_KEYS[metric]
@@ -405,7 +413,8 @@ def accumulator_for(metrics: Sequence[str], features: str) -> FeatureAccumulator
 def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), features: str = "inception",
                     weights=None, batch_size: int = 64, device="cpu", split: str = "train",
                     kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10,
-                    prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None, extractor=None) -> dict:
+                    prc_neighborhood: int = 3, rng_seed: int = 2020, sample_features=None, extractor=None,
+                    progress: bool = False) -> dict:
     """FID / sFID / IS / KID / precision-recall of `samples` against `ref`, torch-fidelity's conventions
     (sFID: ADM's evaluator's).
 
@@ -425,6 +434,7 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
             run); `samples` is then not read.
         extractor: an extractor from `build_extractor` to reuse (it must produce `feature_layers(metrics,
             features)`); by default one is built from features / weights / device when images are read.
+        progress: progress bars of the feature extraction on stderr (see `extract`).
 
     Returns:
         {"frechet_inception_distance", "spatial_frechet_inception_distance", "inception_score_mean",
@@ -460,14 +470,17 @@ def compute_metrics(samples, ref=None, *, metrics: Sequence[str] = ("fid",), fea
     if extractor is None and (sample_features is None or ref_source is not None):
         extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     if sample_features is None:
-        sample_acc = extract(extractor, open_source(samples, split=split).batches(batch_size), accumulator_for(metrics, features))
+        sample_source = open_source(samples, split=split)
+        sample_acc = extract(extractor, sample_source.batches(batch_size), accumulator_for(metrics, features),
+                             progress=progress, total=_length(sample_source), desc="samples")
     else:
         sample_acc = sample_features
     result = {}
     if ref_source is not None:
         computed = [m for m in fd_metrics if m not in ref_stats]
         ref_acc = extract(extractor, ref_source.batches(batch_size), FeatureAccumulator(
-            stats=tuple(fd_layer(m, features) for m in computed), keep=(stats_layer,) if image_metrics else ()))
+            stats=tuple(fd_layer(m, features) for m in computed), keep=(stats_layer,) if image_metrics else ()),
+            progress=progress, total=_length(ref_source), desc="reference")
         ref_stats.update({m: ref_acc.mu_sigma(fd_layer(m, features)) for m in computed})
 
     for m in fd_metrics:

@@ -1,10 +1,11 @@
-"""Generators. `load_model(path)` reads any genvis model folder or run directory."""
+"""Generators. `load_model(path)` reads any genvis model folder, run directory or checkpoint."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from genvis.errors import GenvisError
+from genvis.io import find_run_dir
 from genvis.models.dit import DiT
 
 # diffusers' config.json records the class as `_class_name`.
@@ -12,19 +13,25 @@ MODEL_CLASSES = {"DiT": DiT}
 
 
 def resolve_model_dir(path) -> Path:
-    """A model folder (config.json + safetensors) or a run directory holding one in `model/`."""
+    """The model folder (config.json + safetensors) that `path` names: the folder itself, a run
+    directory's `model/`, or a checkpoint's EMA weights (`checkpoints/step_*/ema/model/`)."""
     p = Path(path)
     if (p / "model" / "config.json").is_file():
         return p / "model"
     if (p / "config.json").is_file():
         return p
-    if p.is_dir() and (p / "config.yaml").is_file():
-        raise GenvisError(f"{p}: run directory has no exported model yet (model/config.json); train it to the end first")
-    raise GenvisError(f"{p}: not a genvis model folder (config.json + safetensors) or run directory (model/)")
+    ema = sorted(d for d in (p / "ema").glob("*") if (d / "config.json").is_file()) if (p / "ema").is_dir() else []
+    if ema:
+        named = [d for d in ema if d.name == "model"]
+        return named[0] if named else ema[0]
+    if find_run_dir(p) == p:
+        raise GenvisError(f"{p}: run directory has no exported model yet (model/config.json); train it to the end, "
+                          "or sample one of its checkpoints (checkpoints/step_*)")
+    raise GenvisError(f"{p}: not a genvis model folder (config.json + safetensors), run directory or checkpoint")
 
 
 def read_model_config(path) -> dict:
-    """The config.json of a model folder or run directory, without loading weights."""
+    """The config.json of a model folder, run directory or checkpoint, without loading weights."""
     folder = resolve_model_dir(path)
     try:
         return json.loads((folder / "config.json").read_text())
@@ -32,17 +39,47 @@ def read_model_config(path) -> dict:
         raise GenvisError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
 
 
-def load_model(path, device="cpu"):
-    """Load a genvis generator from a model folder or a run directory, in eval mode."""
+def model_class(path):
+    """The generator class a model folder's config.json names."""
     folder = resolve_model_dir(path)
-    config = read_model_config(folder)
-    name = config.get("_class_name")
+    name = read_model_config(folder).get("_class_name")
     if name not in MODEL_CLASSES:
         raise GenvisError(f"{folder / 'config.json'}: _class_name {name!r} is not a genvis model; expected one of: {', '.join(MODEL_CLASSES)}")
-    if not any(folder.glob("*.safetensors")):
+    return MODEL_CLASSES[name]
+
+
+def _check_weights(folder: Path) -> None:
+    """One line naming the file when a weights file is missing, empty or truncated."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise GenvisError(f"{folder}: no .safetensors weights next to config.json")
-    model = MODEL_CLASSES[name].from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
-    return model.to(device).eval()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # reads each tensor's bytes: a truncated file fails here
+                    f.get_slice(key)
+        except Exception as err:
+            detail = str(err).strip().splitlines()
+            raise GenvisError(f"{file}: not a readable safetensors file ({detail[0] if detail else type(err).__name__}); "
+                              "it may be truncated: export or copy it again") from None
 
 
-__all__ = ["DiT", "load_model", "read_model_config", "resolve_model_dir"]
+def load_model(path, device="cpu"):
+    """Load a genvis generator from a model folder, run directory or checkpoint, in eval mode."""
+    folder = resolve_model_dir(path)
+    cls = model_class(folder)
+    _check_weights(folder)
+    try:
+        model = cls.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as err:  # e.g. weights that do not fit config.json
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise GenvisError(f"{folder}: cannot load the model ({lines[-1] if lines else type(err).__name__})") from None
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, AssertionError) as err:
+        raise GenvisError(f"device {device!r}: {str(err).splitlines()[0]}") from None
+
+
+__all__ = ["DiT", "load_model", "model_class", "read_model_config", "resolve_model_dir"]

@@ -8,6 +8,7 @@ unchanged; `forward(x, t, y)` returns exactly what the official model returns.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from genvis.models.layers import (
     get_2d_sincos_pos_embed,
     modulate,
 )
+from genvis.errors import ConfigError
 from genvis.registry import MODELS
 
 #################################################################################
@@ -93,9 +95,12 @@ class DiT(ModelMixin, ConfigMixin):
         num_train_timesteps, beta_start, beta_end: the discrete VP schedule (DiT: 1000, 1e-4, 0.02).
         flow_shift: for schedule "flow", the resolution shift of the default sampling grid
             (t' = s t / (1 + (s - 1) t); SD3 uses s = sqrt(tokens / base tokens)). Default 1 (none).
-        tokenizer: the space the model works in: "pixels" or "sd-vae" (SD-VAE latents times latent_scale).
-        latent_scale: factor applied to tokenizer latents before the model sees them (DiT: 0.18215).
+
+    The space the model works in (pixels, or a tokenizer's normalised latents) is not part of its
+    config: the tokenizer owns it, and an exported model folder records its tokenizer.
     """
+
+    family = "diffusion"  # sampled by genvis.samplers.diffusion
 
     @register_to_config
     def __init__(
@@ -116,8 +121,6 @@ class DiT(ModelMixin, ConfigMixin):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         flow_shift: float = 1.0,
-        tokenizer: str = "pixels",
-        latent_scale: float = 1.0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -199,6 +202,12 @@ class DiT(ModelMixin, ConfigMixin):
     def null_class(self) -> int:
         return self.num_classes
 
+    @property
+    def sample_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of what the model generates (its input)."""
+        size = self.config.input_size
+        return (self.in_channels, size, size)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -227,9 +236,51 @@ def parse_arch(name: str) -> Tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-@MODELS.register("dit")
 def build_dit(size: str = "S", patch_size: int = 2, **kwargs) -> DiT:
     return DiT(**dit_config(size, patch_size, **kwargs))
+
+
+@dataclass
+class DiTConfig:
+    """The run config's `model:` section for `arch: dit`."""
+
+    arch: str = "dit"
+    size: str = "S"  # tiny | S | B | L | XL
+    patch_size: int = 2
+    depth: Optional[int] = None  # override the size's depth / width / heads (null = from size)
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    class_dropout: float = 0.1  # label dropout in training; > 0 adds the null class for guidance
+    learn_sigma: bool = True  # only for eps prediction on a discrete VP schedule (DiT's hybrid loss)
+
+    def validate(self) -> None:
+        if self.size not in DIT_SIZES:
+            raise ConfigError(f"key 'model.size': {self.size!r} is not one of {', '.join(DIT_SIZES)}")
+        if self.patch_size not in (1, 2, 4, 8):
+            raise ConfigError(f"key 'model.patch_size': {self.patch_size} is not one of 1, 2, 4, 8")
+        for key in ("depth", "hidden_size", "num_heads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"key 'model.{key}': must be >= 1, got {getattr(self, key)}")
+        depth, hidden, heads = DIT_SIZES[self.size]
+        hidden, heads = self.hidden_size or hidden, self.num_heads or heads
+        if hidden % heads:
+            raise ConfigError(f"key 'model.hidden_size': {hidden} is not divisible by model.num_heads = {heads}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"key 'model.class_dropout': {self.class_dropout}: expected a value in [0, 1)")
+
+
+@MODELS.register("dit", schema=DiTConfig, family="diffusion", task="diffusion")
+def dit_from_config(section: DiTConfig, *, sample_shape: Tuple[int, int, int], num_classes: int, **diffusion) -> DiT:
+    """The DiT a run config describes, for inputs of `sample_shape` (C, H, W); `diffusion` holds what the
+    training task decides (prediction_type, schedule and its parameters, learn_sigma)."""
+    channels, height, width = sample_shape
+    if height != width:
+        raise ConfigError(f"key 'model.arch': DiT needs square inputs, got {height}x{width}")
+    if height % section.patch_size:
+        raise ConfigError(f"key 'model.patch_size': {section.patch_size} does not divide the input size {height}")
+    sizes = {k: getattr(section, k) for k in ("depth", "hidden_size", "num_heads") if getattr(section, k) is not None}
+    return build_dit(section.size, section.patch_size, **sizes, input_size=height, in_channels=channels,
+                     num_classes=num_classes, class_dropout_prob=section.class_dropout, **diffusion)
 
 
 #################################################################################

@@ -5,107 +5,30 @@
 where `denoiser(x, t, **cond)` returns the data prediction for schedule time t (and
 `denoiser.predict` gives x0, eps and any learned variance) and `grid` is a strictly descending
 timestep grid ending at the data end (genvis.samplers.grids). Guidance wraps the model function
-(genvis.samplers.guidance), so every sampler gets it. `sample()` is the entry point.
+(genvis.samplers.guidance), so every sampler gets it. `sample()` is the entry point for a model
+function; `genvis.samplers.diffusion` runs a diffusion-family generator for `genvis.generate`.
+
+The names below are imported on first use (PEP 562), so `genvis --help` and the config schema
+(`genvis.samplers.options`) do not pay for torch.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import importlib
 
-import torch
-
-from genvis.diffusion.predictions import Denoiser
-from genvis.diffusion.schedules import Schedule, make_schedule
-from genvis.registry import SAMPLERS
-from genvis.samplers import ddim, ddpm, dpm_solver, euler, heun, rk45, sde, unipc  # noqa: F401  (register the solvers)
-from genvis.samplers.common import check_option_types, sampler_options
-from genvis.samplers.grids import GRIDS, make_grid
-from genvis.samplers.guidance import CFG, ClassifierFreeGuidance
+_EXPORTS = {
+    "sample": "core", "plan_sampling": "core", "SamplingPlan": "core", "get_sampler": "core", "check_options": "core",
+    "resolve_grid": "core", "make_grid": "grids", "GRIDS": "grids", "CFG": "guidance", "DiffusionSampling": "options",
+}
 
 
-def get_sampler(name: str) -> Callable:
-    """A registered sampler, or `diffusers:<SchedulerClass>` (any diffusers scheduler, adapted)."""
-    if name.startswith("diffusers:"):
-        from genvis.samplers.diffusers_adapter import diffusers_sampler
+def __getattr__(name: str):
+    if name == "SAMPLERS":
+        from genvis.registry import SAMPLERS
 
-        return diffusers_sampler(name.split(":", 1)[1])
-    try:
-        return SAMPLERS.get(name)
-    except KeyError as err:
-        raise ValueError(err.args[0] + ", or diffusers:<SchedulerClass>") from None
+        return SAMPLERS
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"genvis.samplers.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'genvis.samplers' has no attribute {name!r}")
 
 
-def check_options(name: str, fn: Callable, options: dict) -> None:
-    valid = sampler_options(fn)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"sampler {name!r}: unknown option(s) {', '.join(unknown)}; it takes: {', '.join(valid) or 'no options'}")
-    check_option_types(f"sampler {name!r}", valid, options)
-    meta = getattr(fn, "sampler_meta", {})
-    for key, allowed in meta.get("choices", {}).items():
-        if key in options and options[key] not in allowed:
-            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected one of: {', '.join(map(str, allowed))}")
-    for key, low in meta.get("minimum", {}).items():
-        if key in options and options[key] < low:
-            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected >= {low}")
-    for key in meta.get("positive", ()):
-        if key in options and not options[key] > 0:
-            raise ValueError(f"sampler {name!r}: option {key}={options[key]!r}; expected > 0")
-
-
-def resolve_grid(grid, schedule: Schedule, sampler_fn: Callable, steps: int, grid_options: Optional[dict] = None) -> torch.Tensor:
-    """The timestep grid for `steps` model evaluations of `sampler_fn` (named grids) or an explicit one."""
-    meta = sampler_fn.sampler_meta
-    if isinstance(grid, str) and grid == "default" and schedule.discrete and meta.get("discrete_grid"):
-        grid = meta["discrete_grid"]
-    return make_grid(grid, schedule, meta["intervals"](steps), **(grid_options or {}))
-
-
-def sample(
-    model_fn: Callable,
-    noise: torch.Tensor,
-    *,
-    sampler: str,
-    steps: int,
-    schedule,
-    prediction: str,
-    grid="default",
-    cfg=None,
-    generator=None,
-    learn_sigma: bool = False,
-    cond: Optional[dict] = None,
-    null_label: Optional[int] = None,
-    grid_options: Optional[dict] = None,
-    callback: Optional[Callable] = None,
-    progress: bool = False,
-    **options,
-) -> torch.Tensor:
-    """Run `sampler` from standard normal `noise`; returns the data end x0.
-
-    model_fn(x, t, **cond) gets t in the schedule's own units (0..999 for "linear", [0, 1] with
-    t = 1 noise for "flow", sigma for "edm") and returns the native prediction `prediction`
-    (eps, x0, v, velocity or score; with learn_sigma, twice the channels).
-    schedule: a Schedule or a name ("linear", "cosine", "vp-linear", "flow", "edm", ...).
-    steps: model evaluations per sample (per guided pair); see each sampler's `steps_doc`.
-    grid: a grid name (options in grid_options, e.g. {"rho": 7}), a .json file, "t1,t2,..." or a
-        descending list of times. cfg: None, a scale, or a CFG (interval, scale schedule, channels);
-        guidance needs cond["y"] and null_label. **options: the sampler's own options.
-    """
-    if not isinstance(schedule, Schedule):
-        schedule = make_schedule(schedule)
-    fn = get_sampler(sampler)
-    check_options(sampler, fn, options)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    grid = resolve_grid(grid, schedule, fn, steps, grid_options)
-    if isinstance(cfg, (int, float)):
-        cfg = CFG(cfg)
-    if cfg is not None and cfg.scale != 1.0:
-        if cond is None or "y" not in cond or null_label is None:
-            raise ValueError("classifier-free guidance needs cond={'y': labels} and null_label")
-        model_fn = ClassifierFreeGuidance(model_fn, cfg, null_label, pred_channels=noise.shape[1], schedule=schedule)
-    denoiser = Denoiser(model_fn, schedule, prediction, learn_sigma=learn_sigma)
-    x = noise * schedule.prior_std(float(grid[0]))
-    return fn(denoiser, x, grid, cond=cond, generator=generator, callback=callback, progress=progress, **options)
-
-
-__all__ = ["sample", "get_sampler", "make_grid", "GRIDS", "SAMPLERS", "CFG"]
+__all__ = [*_EXPORTS, "SAMPLERS"]

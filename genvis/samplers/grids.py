@@ -214,11 +214,11 @@ def grid_options(fn: Callable) -> Dict[str, object]:
     return {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]}
 
 
-def make_grid(spec: GridSpec, schedule: Schedule, steps: int, **options) -> torch.Tensor:
-    """A grid from a name (with its options, e.g. rho or shift), a JSON path, "t1,t2,..." or a list."""
+def parse_grid_spec(spec: GridSpec, **options):
+    """Check a grid spec without a schedule: ("name", fn) for a named grid (its options checked),
+    ("file", path) for a JSON file, ("times", [t, ...]) for "t1,t2,..." or a list / tensor. Raises
+    ValueError naming what is wrong. make_grid and the sampling options both go through it."""
     if isinstance(spec, str) and spec in GRIDS:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         fn = GRIDS[spec]
         accepted = grid_options(fn)
         unknown = sorted(set(options) - set(accepted))
@@ -226,17 +226,30 @@ def make_grid(spec: GridSpec, schedule: Schedule, steps: int, **options) -> torc
             raise ValueError(f"grid {spec!r}: unknown option(s) {', '.join(unknown)}; "
                              f"it takes: {', '.join(accepted) or 'no options'}")
         check_option_types(f"grid {spec!r}", accepted, options)
-        grid = fn(schedule, steps, **options)
-        return check_grid(grid, schedule, f"grid {spec!r}")
+        return "name", fn
     if options:
         raise ValueError(f"grid options {sorted(options)} apply to named grids only")
     if isinstance(spec, str):
         if spec.endswith(".json"):
-            return check_grid(load_grid_file(spec, schedule), schedule, f"grid file {spec}")
+            if not Path(spec).is_file():
+                raise ValueError(f"grid file {spec}: not found")
+            return "file", spec
         try:
-            values = [float(v) for v in spec.split(",") if v.strip()]
+            values = [float(v) for v in spec.split(",")]
         except ValueError:
             raise ValueError(f"unknown grid {spec!r}; expected one of: {', '.join(GRIDS)}, a .json file, "
                              "or a comma-separated list of times") from None
-        return check_grid(values, schedule, f"grid {spec!r}")
-    return check_grid(spec, schedule)
+        return "times", values
+    return "times", spec
+
+
+def make_grid(spec: GridSpec, schedule: Schedule, steps: int, **options) -> torch.Tensor:
+    """A grid from a name (with its options, e.g. rho or shift), a JSON path, "t1,t2,..." or a list."""
+    kind, value = parse_grid_spec(spec, **options)
+    if kind == "name":
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return check_grid(value(schedule, steps, **options), schedule, f"grid {spec!r}")
+    if kind == "file":
+        return check_grid(load_grid_file(value, schedule), schedule, f"grid file {value}")
+    return check_grid(value, schedule, f"grid {spec!r}" if isinstance(spec, str) else "grid")

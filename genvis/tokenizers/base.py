@@ -1,48 +1,73 @@
-"""The Tokenizer contract: images in [-1, 1] NCHW <-> what a generator models.
+"""The tokenizer contract: images in [-1, 1] NCHW <-> what a generator models.
 
-A tokenizer declares what it produces (continuous latents here; discrete ids in later issues)
-and owns the normalisation that makes them suitable for a generator.
+A tokenizer declares what it produces (`kind`: continuous latents, or discrete ids in later
+families) and owns the normalisation that makes its latents suitable for a generator: `encode`
+returns normalised latents and `decode` undoes the normalisation, so generators never see raw
+VAE outputs. It is saved as a folder (config.json + safetensors) with `save_pretrained` and read
+back with `genvis.load_tokenizer`.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
 import torch
+import torch.nn as nn
+
+from genvis.registry import TOKENIZERS
 
 
-class Tokenizer:
-    """encode(images) -> latents; decode(latents) -> images in [-1, 1]."""
+class Tokenizer(nn.Module):
+    """encode(images) -> latents (normalised); decode(latents) -> images in [-1, 1].
+
+    Attributes:
+        kind: "continuous" (latents) or "discrete" (ids).
+        latent_channels: channels of the latents, or None when it follows the images (pixels).
+    """
 
     kind = "continuous"
+    latent_channels: Optional[int] = None
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, *, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """images [B, C, H, W] in [-1, 1] -> latents. Deterministic (the posterior mode) unless
+        sample=True, which draws from the posterior with `generator`."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> images [B, C, H, W] in [-1, 1] (not clamped)."""
+        raise NotImplementedError
+
+    def latent_shape(self, image_shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        """(C, H, W) of the latents of one image of shape `image_shape` (C, H, W)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, folder) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu") -> "Tokenizer":
         raise NotImplementedError
 
 
+@TOKENIZERS.register("pixels", class_name="PixelTokenizer")
 class PixelTokenizer(Tokenizer):
-    """Identity: lets any generator run in pixel space."""
+    """Identity: lets any generator run in pixel space. Its folder holds only config.json."""
 
-    def encode(self, images):
+    def encode(self, images, *, sample=False, generator=None):
         return images
 
     def decode(self, latents):
         return latents
 
+    def latent_shape(self, image_shape):
+        return tuple(image_shape)
 
-class DiffusersVAETokenizer(Tokenizer):
-    """A diffusers AutoencoderKL read from a local folder (e.g. sd-vae-ft-ema), latents * scale."""
+    def save_pretrained(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"_class_name": "PixelTokenizer"}, indent=2))
 
-    def __init__(self, path: str, scale: float, device="cpu"):
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.scale = scale
-
-    @torch.no_grad()
-    def encode(self, images):
-        return self.vae.encode(images).latent_dist.sample() * self.scale
-
-    @torch.no_grad()
-    def decode(self, latents):
-        return self.vae.decode(latents / self.scale).sample
+    @classmethod
+    def from_pretrained(cls, folder=None, device="cpu") -> "PixelTokenizer":
+        return cls()

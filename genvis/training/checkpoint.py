@@ -1,11 +1,13 @@
-"""Run-directory layout, step checkpoints and the exported model.
+"""Run-directory layout, step checkpoints, and what a rerun may change.
 
     output_dir/
-      config.yaml                 resolved config
-      checkpoints/step_0000100/   Accelerate state (model.safetensors, optimizer.bin, scheduler.bin,
-                                  random_states_*.pkl) + ema.safetensors + trainer_state.json
-      model/                      exported EMA weights: config.json + diffusion_pytorch_model.safetensors
-      samples/step_0000100.png    periodic grids
+      config.yaml                 the resolved config
+      config_changes.jsonl        what reruns changed (train.steps upward, cadences, sample defaults)
+      checkpoints/step_0000100/   Accelerate state (model.safetensors, optimizer.bin, random_states_*.pkl)
+                                  + ema/<module>/ (each EMA module's save_pretrained folder)
+                                  + trainer_state.json
+      model/                      the task's export (a generator: EMA weights, config.json, its tokenizer)
+      samples/step_0000100.png    periodic previews
       logs/                       TensorBoard
 
 Checkpoints are written under a temporary name and renamed when complete, so a killed run never
@@ -13,15 +15,25 @@ leaves a half-written `step_*` directory; resume picks the newest complete one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
-from genvis.io import finalize_dir
+from genvis.errors import GenvisError
+from genvis.io import finalize_dir, write_json_atomic, write_text_atomic
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
+# Keys a rerun may change: they do not change what has been trained so far.
+RESUMABLE_KEYS = ("output_dir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.sample_every", "data.num_workers")
+RESUMABLE_SECTIONS = ("sample.",)
+
+
+class TrainingError(GenvisError):
+    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -64,11 +76,124 @@ def clean_partial(output_dir) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def export_model(model, export_dir: Path) -> None:
-    """A genvis model folder (config.json + safetensors) via save_pretrained, replaced atomically."""
-    export_dir = Path(export_dir)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    finalize_dir(tmp, export_dir)
+# --------------------------------------------------------------------------- reruns
+
+
+def flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
+    """{"train": {"steps": 3}} -> {"train.steps": 3} (lists stay values)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(stored: dict, new: dict) -> Tuple[Dict[str, tuple], Dict[str, tuple]]:
+    """(allowed, refused) changes {key: (stored value, new value)} between a run's stored config and a rerun's."""
+    old, cur = flatten(stored), flatten(new)
+    allowed, refused = {}, {}
+    for key in sorted(set(old) | set(cur)):
+        a, b = old.get(key, "<absent>"), cur.get(key, "<absent>")
+        if a == b:
+            continue
+        ok = key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)
+        if key == "train.steps" and isinstance(a, int) and isinstance(b, int) and b < a:
+            ok = False  # fewer steps than the run was made for: not a resume
+        (allowed if ok else refused)[key] = (a, b)
+    return allowed, refused
+
+
+def check_rerun(out: Path, new: dict) -> Dict[str, tuple]:
+    """For a rerun on an existing run: the allowed changes, or one TrainingError listing the others
+    (and config.yaml untouched). Changing the model, the data, the task or the optimiser would resume
+    weights that the new config did not make."""
+    from omegaconf import OmegaConf
+
+    path = out / "config.yaml"
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:
+        raise TrainingError(f"{path}: cannot read the run's stored config ({str(err).splitlines()[0]})") from None
+    allowed, refused = config_changes(stored, new)
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+        raise TrainingError(f"{out} was made with another config; these keys differ: {listed}. A rerun may change only "
+                            f"train.steps (upward), the log/checkpoint/sample cadences and sample.*; use a new output_dir")
+    return allowed
+
+
+def record_config(out: Path, yaml_text: str, changes: Dict[str, tuple], step: int, new_run: bool) -> None:
+    """Write config.yaml for a new run; on a rerun with allowed `changes` (check_rerun), append them to
+    config_changes.jsonl and write the new config.yaml."""
+    if new_run:
+        write_text_atomic(out / "config.yaml", yaml_text)
+    elif changes:
+        history = out / "config_changes.jsonl"
+        line = json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
+        previous = history.read_text() if history.is_file() else ""
+        write_text_atomic(history, previous + line + "\n")
+        write_text_atomic(out / "config.yaml", yaml_text)
+
+
+# --------------------------------------------------------------------------- writing checkpoints
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether an error while writing is the disk running out of space (torch's zip writer reports it as
+    'unexpected pos' or 'file write failed', safetensors as an IoError)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if any(s in text for s in ("No space left on device", "unexpected pos", "file write failed", "Disk quota exceeded")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def write_checkpoint(accelerator, emas: Dict[str, object], step: int, out: Path, keep: int) -> Path:
+    """Accelerate state + EMA folders + trainer_state.json under step_XXXXXXX.tmp, renamed when complete.
+    A failure (a full disk, say) removes the temporary folder and is one TrainingError naming the newest
+    complete checkpoint, which is kept."""
+    root = out / "checkpoints"
+    final = root / step_dir_name(step)
+    tmp = root / f"{step_dir_name(step)}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            for name, ema in emas.items():
+                ema.model.save_pretrained(str(tmp / "ema" / name), safe_serialization=True)
+            write_json_atomic(tmp / "trainer_state.json", {"step": step})
+            finalize_dir(tmp, final)
+            prune_checkpoints(out, keep)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(out)
+        kept_text = f"the newest complete checkpoint, {kept.name}, is kept" if kept else "no earlier checkpoint exists"
+        if _disk_full(err):
+            raise TrainingError(f"disk full while writing checkpoint {final}; it was discarded and {kept_text}. "
+                                "Free space and rerun the same command to resume") from None
+        detail = str(err).strip().splitlines()
+        raise TrainingError(f"could not write checkpoint {final} ({detail[0] if detail else type(err).__name__}); "
+                            f"it was discarded and {kept_text}") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_ema_folders(ckpt: Path, emas: Dict[str, object]) -> None:
+    """Restore each EMA module from the checkpoint's ema/<name>/ folder (its class's own from_pretrained)."""
+    for name, ema in emas.items():
+        folder = ckpt / "ema" / name
+        if not (folder / "config.json").is_file():
+            raise TrainingError(f"{folder}: the checkpoint has no EMA weights for module {name!r}")
+        loaded = type(ema.model).from_pretrained(str(folder))
+        ema.load_state_dict(loaded.state_dict())
+

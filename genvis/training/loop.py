@@ -1,46 +1,48 @@
-"""One Accelerate training loop for the generators.
+"""One Accelerate training loop for every task (genvis.training.tasks).
 
-Determinism: every random draw of step s (which images, flips, timesteps, noise, label dropout)
-comes from generators seeded by (seed, s), drawn for the whole global batch; process r takes its
-contiguous slice. So a resumed run is bit-identical to an uninterrupted one (CPU, one process),
-and N processes with the same global batch reach the same weights as one (to float tolerance).
-The learning rate is a pure function of the step, so no scheduler state needs restoring either.
+The loop knows Accelerate, gradient accumulation, one or more optimizers stepped in the task's
+declared order, clipping, the non-finite guard, EMA, checkpoints, logging, previews and export;
+the task knows what to build, draw and minimise (see genvis/training/tasks/base.py).
+
+Determinism: every random draw of step s (which images, flips, and the task's draws: times, noise,
+label dropout, masks) comes from generators seeded by (seed, s), drawn for the whole global batch;
+process r takes its contiguous slice. So a resumed run is bit-identical to an uninterrupted one
+(CPU, one process), and N processes with the same global batch reach the same weights as one (to
+float tolerance). The learning rate is a pure function of the step, so no scheduler state needs
+restoring either.
 """
 from __future__ import annotations
 
 import contextlib
-import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from genvis.config import RunConfig, to_yaml
+from genvis.config import RunConfig, to_dict, to_yaml
 from genvis.data import build_dataset
-from genvis.diffusion.objectives import objective_for
-from genvis.diffusion.schedules import schedule_for_model
-from genvis.errors import GenvisError
-from genvis.io import finalize_dir, write_json_atomic, write_text_atomic
-from genvis.models.dit import build_dit
+from genvis.io import atomic_dir
 from genvis.precision import resolve_precision
+from genvis.registry import TASKS
 from genvis.training.checkpoint import (
+    TrainingError,
+    check_rerun,
     clean_partial,
-    export_model,
     latest_checkpoint,
-    prune_checkpoints,
+    load_ema_folders,
     read_trainer_state,
+    record_config,
     step_dir_name,
+    write_checkpoint,
 )
 from genvis.training.ema import EMA
+from genvis.training.tasks import DataInfo
 
 STREAM_DATA, STREAM_NOISE, STREAM_PERM = 0, 1, 2
 
-
-class TrainingError(GenvisError):
-    pass
+__all__ = ["train", "TrainingError", "step_generator", "StepBatchSampler", "lr_at"]
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -86,31 +88,6 @@ class StepBatchSampler:
         return self.end - self.start
 
 
-def build_generator(cfg: RunConfig, num_classes: int):
-    """The generator a run config describes (the model declares its prediction type and schedule)."""
-    d = cfg.diffusion
-    prediction = {"eps": "eps", "v": "v", "flow": "velocity"}[d.objective]
-    m = cfg.model
-    sizes = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads") if getattr(m, k) is not None}
-    return build_dit(
-        m.size,
-        m.patch_size,
-        **sizes,
-        input_size=cfg.data.resolution,
-        in_channels=cfg.data.channels,
-        num_classes=num_classes,
-        class_dropout_prob=cfg.model.class_dropout,
-        learn_sigma=cfg.model.learn_sigma and d.objective == "eps",
-        prediction_type=prediction,
-        schedule=d.schedule,
-        num_train_timesteps=d.num_timesteps,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
-        flow_shift=d.flow_shift,
-        tokenizer="pixels",
-    )
-
-
 def _flat_hparams(cfg: RunConfig) -> Dict[str, object]:
     out = {}
 
@@ -133,8 +110,22 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     return cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
 
+def check_finite(value: Optional[torch.Tensor], what: str, step: int, out: Path) -> None:
+    """The non-finite guard: stop before anything is saved, naming the last good checkpoint."""
+    if value is not None and not torch.isfinite(value):
+        last = latest_checkpoint(out)
+        raise TrainingError(
+            f"non-finite {what} ({value.item()}) at step {step + 1}; stopped without saving. "
+            f"Last good checkpoint: {last if last else 'none'}. Lower train.lr or check the data."
+        )
+
+
+def _rows(tensors: Dict[str, torch.Tensor], rows: slice) -> Dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in tensors.items()}
+
+
 def train(cfg: RunConfig) -> Path:
-    """Train (or resume) the run in cfg.output_dir; returns the exported model folder."""
+    """Train (or resume) the run in cfg.output_dir; returns the exported folder."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
@@ -143,157 +134,142 @@ def train(cfg: RunConfig) -> Path:
     # ACCELERATE_USE_CPU as Accelerator would, or torchrun CPU workers each start a 1-process run.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = resolve_precision(cfg.train.mixed_precision, state.device)
+    t = cfg.train
+    world = state.num_processes
+    if t.batch_size % (world * t.grad_accum):
+        raise TrainingError(
+            f"key 'train.batch_size': {t.batch_size} is not divisible by processes x grad_accum = {world} x {t.grad_accum}"
+        )
+    # A rerun may change only what does not alter the run so far (checked on every process, before
+    # anything is written; config.yaml is untouched when it is refused).
+    ckpt = latest_checkpoint(out)
+    start_step = read_trainer_state(ckpt)["step"] if ckpt is not None else 0
+    new_run = not (out / "config.yaml").is_file()
+    changes = {} if new_run else check_rerun(out, to_dict(cfg))
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+        record_config(out, to_yaml(cfg), changes, start_step, new_run)
+        for key, (old, new) in changes.items():
+            print(f"config change on rerun: {key}: {old!r} -> {new!r} (recorded in config_changes.jsonl)")
+    state.wait_for_everyone()
     accelerator = Accelerator(
         mixed_precision=precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    t = cfg.train
-    if t.batch_size % (world * t.grad_accum):
-        raise TrainingError(
-            f"key 'train.batch_size': {t.batch_size} is not divisible by processes x grad_accum = {world} x {t.grad_accum}"
-        )
+    rank = accelerator.process_index
     micro = t.batch_size // (world * t.grad_accum)
+    device = accelerator.device
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_partial(out)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
-    accelerator.wait_for_everyone()
-
+    task = TASKS.get(cfg.task.name)(cfg)
     dataset = build_dataset(cfg.data, split="train")
+    info = DataInfo(num_classes=dataset.num_classes, image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution))
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = build_generator(cfg, dataset.num_classes)
-    objective = objective_for(
-        schedule_for_model(model), cfg.diffusion.objective, model.config.learn_sigma,
-        time_sampling=cfg.diffusion.time_sampling, logit_mean=cfg.diffusion.logit_mean, logit_std=cfg.diffusion.logit_std,
-    )
-    ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.model.to(accelerator.device)
+    modules = task.build(info)
+    specs = task.optimizers()
+    trainable = list(dict.fromkeys(name for spec in specs for name in spec.modules))
+    for name in modules:
+        if name not in trainable:  # frozen: a tokenizer, a teacher
+            modules[name].to(device).eval().requires_grad_(False)
+    emas = {name: EMA(modules[name], decay=t.ema_decay, warmup=t.ema_warmup) for name in task.ema_modules}
+    params = {spec.name: [p for m in spec.modules for p in modules[m].parameters() if p.requires_grad] for spec in specs}
+    optimizers = {spec.name: torch.optim.AdamW(params[spec.name], lr=t.lr * spec.lr_scale, weight_decay=t.weight_decay,
+                                               betas=tuple(t.betas)) for spec in specs}
+    prepared = accelerator.prepare(*[modules[n] for n in trainable], *optimizers.values())
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    modules.update(zip(trainable, prepared[: len(trainable)]))
+    optimizers = dict(zip(optimizers, prepared[len(trainable):]))
+    for ema in emas.values():
+        ema.model.to(device)
 
-    start_step = 0
-    ckpt = latest_checkpoint(out)
     if ckpt is not None:
+        load_ema_folders(ckpt, emas)
         accelerator.load_state(str(ckpt))
-        ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(accelerator.device)))
-        start_step = read_trainer_state(ckpt)["step"]
         accelerator.print(f"resuming from {ckpt} (step {start_step})")
 
     accelerator.init_trackers("genvis", config=_flat_hparams(cfg))
     accelerator.print(
-        f"training DiT on {world} process(es), device {accelerator.device}, precision {precision}, "
+        f"training {task.describe()} on {world} process(es), device {device}, precision {precision}, "
         f"global batch {t.batch_size} = {world} x {t.grad_accum} x {micro}, steps {start_step}->{t.steps}"
     )
     sampler = StepBatchSampler(len(dataset), t.batch_size, rank, world, cfg.seed, start_step, t.steps, cfg.data.random_flip)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers)
-    null_label = dataset.num_classes
     progress = None
     if accelerator.is_local_main_process:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    model.train()
+    for name in trainable:
+        modules[name].train()
+    ddp = [modules[name] for name in trainable]
     local = slice(rank * (t.batch_size // world), (rank + 1) * (t.batch_size // world))
-    step = start_step
-    for step, (images, labels) in enumerate(loader, start=start_step):
-        g = step_generator(cfg.seed, step, STREAM_NOISE)
-        times = objective.sample_time(t.batch_size, g)[local]
-        noise = torch.randn((t.batch_size, *images.shape[1:]), generator=g)[local]
-        drop = (torch.rand(t.batch_size, generator=g) < cfg.model.class_dropout)[local]
-        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-        images, labels, noise = images.to(accelerator.device), labels.to(accelerator.device), noise.to(accelerator.device)
-
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        loss_sum = torch.zeros((), device=accelerator.device)
+    for step, batch in enumerate(loader, start=start_step):
+        draws = _rows(task.draw(t.batch_size, step_generator(cfg.seed, step, STREAM_NOISE)), local)
+        batch = [x.to(device) for x in batch]
+        for spec in specs:
+            for group in optimizers[spec.name].param_groups:
+                group["lr"] = lr_at(cfg, step) * spec.lr_scale
+        sums = {spec.name: torch.zeros((), device=device) for spec in specs}
+        logs: Dict[str, float] = {}
         for a in range(t.grad_accum):
             mb = slice(a * micro, (a + 1) * micro)
-            sync = a == t.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss = objective.loss(model, images[mb], times[mb], noise[mb], y=labels[mb]).mean()
-                accelerator.backward(loss / t.grad_accum)
-            loss_sum += loss.detach() / t.grad_accum
-        loss_mean = accelerator.reduce(loss_sum, reduction="mean")
-        if not torch.isfinite(loss_mean):
-            last = latest_checkpoint(out)
-            raise TrainingError(
-                f"non-finite loss ({loss_mean.item()}) at step {step + 1}; stopped without saving. "
-                f"Last good checkpoint: {last if last else 'none'}. Lower train.lr or check the data."
-            )
-        grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
-        if grad_norm is not None and not torch.isfinite(grad_norm):
-            last = latest_checkpoint(out)
-            raise TrainingError(
-                f"non-finite gradient norm at step {step + 1}; stopped without saving. "
-                f"Last good checkpoint: {last if last else 'none'}. Lower train.lr or check the data."
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model), step)
+            with contextlib.ExitStack() as stack:
+                if a < t.grad_accum - 1 and world > 1:  # gradients are all-reduced on the last micro-batch only
+                    for module in ddp:
+                        stack.enter_context(accelerator.no_sync(module))
+                stack.enter_context(accelerator.autocast())
+                result = task.losses(modules, [x[mb] for x in batch], _rows(draws, mb), step)
+                for i, spec in enumerate(specs):
+                    loss = result[spec.name]
+                    # each loss reaches only its own optimizer's parameters (a GAN's generator loss leaves
+                    # the discriminator's gradients alone)
+                    only = {"inputs": params[spec.name], "retain_graph": i < len(specs) - 1} if len(specs) > 1 else {}
+                    accelerator.backward(loss / t.grad_accum, **only)
+                    sums[spec.name] += loss.detach() / t.grad_accum
+            for key, value in result.items():
+                if key.startswith("log/"):
+                    logs[f"train/{key[4:]}"] = logs.get(f"train/{key[4:]}", 0.0) + float(value) / t.grad_accum
+        means = {name: accelerator.reduce(total, reduction="mean") for name, total in sums.items()}
+        for name, value in means.items():
+            check_finite(value, "loss" if len(specs) == 1 else f"loss '{name}'", step, out)
+        norms = {spec.name: accelerator.clip_grad_norm_(params[spec.name], t.grad_clip) if t.grad_clip > 0 else None
+                 for spec in specs}
+        for name, norm in norms.items():
+            check_finite(norm, "gradient norm" if len(specs) == 1 else f"gradient norm '{name}'", step, out)
+        for spec in specs:
+            optimizers[spec.name].step()
+            optimizers[spec.name].zero_grad(set_to_none=True)
+        for name, ema in emas.items():
+            ema.update(accelerator.unwrap_model(modules[name]), step)
         done = step + 1
 
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_mean.item():.4f}")
+            progress.set_postfix({f"loss_{n}" if len(specs) > 1 else "loss": f"{v.item():.4f}" for n, v in means.items()})
         if t.log_every and done % t.log_every == 0:
-            logs = {"train/loss": loss_mean.item(), "train/lr": lr_at(cfg, step)}
-            if grad_norm is not None:
-                logs["train/grad_norm"] = float(grad_norm)
+            logs["train/lr"] = lr_at(cfg, step)
+            for name, value in means.items():
+                logs[f"train/loss_{name}"] = value.item()
+                if norms[name] is not None:
+                    logs[f"train/grad_norm_{name}"] = float(norms[name])
             accelerator.log(logs, step=done)
         if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
-            save_checkpoint(accelerator, ema, done, out, t.keep_checkpoints)
+            write_checkpoint(accelerator, emas, done, out, t.keep_checkpoints)
         if t.sample_every and done % t.sample_every == 0:
             if accelerator.is_main_process:
-                write_sample_grid(cfg, ema.model, out / "samples" / f"{step_dir_name(done)}.png")
+                task.preview({**modules, **{n: e.model for n, e in emas.items()}}, out / "samples" / f"{step_dir_name(done)}.png")
             accelerator.wait_for_everyone()
 
     if progress is not None:
         progress.close()
     if t.checkpoint_every == 0 and start_step < t.steps:
-        save_checkpoint(accelerator, ema, t.steps, out, t.keep_checkpoints)
+        write_checkpoint(accelerator, emas, t.steps, out, t.keep_checkpoints)
     export_dir = out / "model"
     if accelerator.is_main_process:
-        export_model(ema.model, export_dir)
+        with atomic_dir(export_dir) as tmp:
+            task.export({**modules, **{n: e.model for n, e in emas.items()}}, tmp)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
-
-
-def save_checkpoint(accelerator, ema: EMA, step: int, out: Path, keep: int) -> Path:
-    root = out / "checkpoints"
-    final = root / step_dir_name(step)
-    tmp = root / f"{step_dir_name(step)}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
-        write_json_atomic(tmp / "trainer_state.json", {"step": step})
-        finalize_dir(tmp, final)
-        prune_checkpoints(out, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def write_sample_grid(cfg: RunConfig, model, path: Path) -> None:
-    from genvis.generate import class_labels, generate, save_grid, to_uint8
-
-    was_training = model.training
-    model.eval()
-    num_classes = model.num_classes
-    labels = class_labels(cfg.sample.num, num_classes)
-    images = generate(
-        model, labels, seed=cfg.seed, sampler=cfg.sample.sampler, steps=cfg.sample.steps, grid=cfg.sample.grid, cfg=cfg.sample.cfg,
-        precision=cfg.train.mixed_precision,
-    )
-    save_grid(to_uint8(images), path, nrow=min(num_classes, len(labels)))
-    model.train(was_training)

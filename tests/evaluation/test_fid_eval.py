@@ -4,8 +4,10 @@ Everything runs offline on the digits classifier's features ("genvis-digits"); t
 path is checked with synthetic weights in torch-fidelity's layout saved to a temporary file
 (write_synthetic_inception_weights; nothing is downloaded).
 """
+import io
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -449,3 +451,38 @@ def test_inception_fid_matches_torch_fidelity(tmp_path, inception_weights, digit
     assert theirs[fid] > 0.1 and _rel(ours[fid], theirs[fid]) < 1e-4
     # IS is ~1 + 4e-5 with synthetic weights: compare its KL part, IS - 1
     assert theirs[isc] - 1 > 1e-5 and _rel(ours[isc] - 1, theirs[isc] - 1) < 1e-4
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_in_cli_only(monkeypatch, data, tmp_path):
+    """`eval fid` and `ref` draw tqdm bars of the feature extraction with each source's image count on a
+    terminal (not when stderr is redirected: the other CLI tests see one-line stderr); the API is quiet."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["eval", "fid", str(data["a"]), "--ref", str(data["npz_a"]), "--features", "digits",
+                 "--batch-size", "64"]) == 0
+    bars = terminal.getvalue()
+    assert "samples" in bars and "reference" in bars and bars.count(f"{N}/{N}") == 2, bars
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["ref", str(data["a"]), "--out", str(tmp_path / "ref.npz"), "--features", "digits"]) == 0
+    assert "reference" in terminal.getvalue() and f"{N}/{N}" in terminal.getvalue()
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    extractor = build_extractor("digits", features=["penultimate"])
+    compute_metrics(data["a"], data["b"], features="digits", extractor=extractor)
+    write_reference(data["a"], tmp_path / "quiet.npz", extractor)
+    x = torch.from_numpy(np.repeat(data["u8_a"][:50], 3, axis=-1)).permute(0, 3, 1, 2).contiguous()
+    quiet = extract(extractor, [x[:20], x[20:]])
+    assert terminal.getvalue() == ""
+    # without a total the bar counts images; the features are the same with or without it
+    loud = extract(extractor, [x[:20], x[20:]], progress=True, desc="features")
+    assert "features" in terminal.getvalue() and "50" in terminal.getvalue() and "50/" not in terminal.getvalue()
+    assert np.array_equal(loud.mu_sigma("penultimate")[1], quiet.mu_sigma("penultimate")[1])

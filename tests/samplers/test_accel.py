@@ -247,9 +247,9 @@ def test_cache_and_stitch_do_not_leak_between_batches(random_dit):
     labels = class_labels(4, 10)
     kw = dict(sampler="ddim", steps=5, precision="fp32", stitch_small=small, stitch_fraction=0.8, cache_refresh=2,
               cache_keep_blocks=1)
-    together = generate(large, labels, batch_size=4, **kw)
-    split = generate(large, labels, batch_size=2, **kw)
+    together = generate(large, None, labels, batch_size=4, **kw)
+    split = generate(large, None, labels, batch_size=2, **kw)
     assert torch.allclose(together, split, atol=1e-4)  # a stale residual moves samples by O(1)
     # and the acceleration is really applied: without it the samples differ
-    plain = generate(large, labels, batch_size=4, sampler="ddim", steps=5, precision="fp32")
+    plain = generate(large, None, labels, batch_size=4, sampler="ddim", steps=5, precision="fp32")
     assert (together - plain).abs().max() > 1e-2

@@ -41,7 +41,8 @@ def test_run_layout_and_sample_grids(tmp_path):
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     ckpt = out / "checkpoints" / "step_0000004"
-    for name in ("model.safetensors", "optimizer.bin", "ema.safetensors", "trainer_state.json"):
+    for name in ("model.safetensors", "optimizer.bin", "ema/model/config.json", "ema/model/diffusion_pytorch_model.safetensors",
+                 "trainer_state.json"):
         assert (ckpt / name).is_file(), name
     assert json.loads((ckpt / "trainer_state.json").read_text()) == {"step": 4}
     from PIL import Image
@@ -51,8 +52,9 @@ def test_run_layout_and_sample_grids(tmp_path):
     assert any((out / "logs").rglob("events.out.tfevents*"))
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["_class_name"] == "DiT" and config["in_channels"] == 1 and config["input_size"] == 8
+    assert json.loads((out / "model" / "tokenizer" / "config.json").read_text())["_class_name"] == "PixelTokenizer"
     # the exported model is the EMA of the last checkpoint
-    ema = load_file(str(ckpt / "ema.safetensors"))
+    ema = weights(ckpt / "ema" / "model")
     exported = weights(out / "model")
     assert all(torch.equal(ema[k], exported[k]) for k in exported)
 
@@ -115,15 +117,33 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    """A loss that turns NaN at step 3 (the task's loss patched, so the config is the same as the good run's)
+    stops the run before anything is saved, naming the last good checkpoint, which is left untouched."""
     out = tmp_path / "nan"
-    run_train(out, "train.steps=2", "train.checkpoint_every=2")
+    argv = ["train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=4", "train.checkpoint_every=2"]
+    script = tmp_path / "nan_at_step_3.py"
+    script.write_text(
+        "import sys\n"
+        "import genvis.training.tasks.diffusion as d\n"
+        "real = d.DiffusionTask.losses\n"
+        "def losses(self, modules, batch, draws, step):\n"
+        "    out = real(self, modules, batch, draws, step)\n"
+        "    return {k: v * float('nan') for k, v in out.items()} if step >= 2 else out\n"
+        "d.DiffusionTask.losses = losses\n"
+        "from genvis.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "non-finite loss (nan) at step 3" in errors[0] and "step_0000002" in errors[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert not (out / "model").exists()
+    # the kept checkpoint is the good run's: the same command without the patch resumes from it
     good = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
-    proc = run_train(out, "train.steps=4", "train.checkpoint_every=2", "train.lr=1e30", "train.grad_clip=0", check=False)
-    assert proc.returncode == 2
-    assert "non-finite loss" in proc.stderr and "step_0000002" in proc.stderr
-    assert sorted(p.name for p in (out / "checkpoints").iterdir())[0] == "step_0000002"
-    again = load_file(str(out / "checkpoints" / "step_0000002" / "model.safetensors"))
-    assert all(torch.equal(good[k], again[k]) for k in good)
+    ref = tmp_path / "ref"
+    run_train(ref, "train.steps=2", "train.checkpoint_every=2")
+    assert all(torch.equal(good[k], v) for k, v in load_file(str(ref / "checkpoints" / "step_0000002" / "model.safetensors")).items())
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -1,0 +1,96 @@
+"""The diffusion family's sampler: a diffusion / flow generator + DiffusionSampling -> latents.
+
+`genvis.generate` hands each batch here. What it needs of a model (the diffusion-family protocol,
+DiT and its variants provide it): `model(x, t, y)` returning its raw output, `model.config` with
+`prediction_type`, `learn_sigma` and the schedule (`schedule_for_model`), `model.sample_shape`
+(C, H, W of what it generates) and `model.null_class`. Step caching also needs the DiT pieces
+`embed` / `run_blocks` / `head` and `blocks` (genvis.samplers.accel).
+
+Everything that does not depend on the batch (the solver, its options, the grid, the guidance,
+the T-Stitch and cache settings against the model) is checked once, in the constructor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from genvis.diffusion.schedules import schedule_for_model
+from genvis.errors import GenvisError, OptionError
+from genvis.registry import FAMILIES
+from genvis.samplers.common import randn_like
+from genvis.samplers.core import plan_sampling
+from genvis.samplers.options import DiffusionSampling
+
+# what two models must share for T-Stitch (one latent space, schedule and prediction type)
+STITCH_SHARED = ("in_channels", "input_size", "prediction_type", "schedule", "learn_sigma", "num_classes",
+                 "num_train_timesteps", "beta_start", "beta_end", "flow_shift")
+
+
+def check_stitch(model, small) -> None:
+    """T-Stitch needs two models of one latent space, schedule and prediction type."""
+    for key in STITCH_SHARED:
+        if getattr(small.config, key) != getattr(model.config, key):
+            raise GenvisError(f"T-Stitch: the small model's {key} is {getattr(small.config, key)!r}, "
+                              f"the large model's {getattr(model.config, key)!r}; both must share it")
+
+
+def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, cache_refresh: int = 1,
+                cache_keep_blocks: int = 2) -> Callable:
+    """The network call with T-Stitch and/or DiT step caching applied (the plain model without either);
+    build one per sampling run (a step cache holds state)."""
+    from genvis.samplers.accel import DiTStepCache, tstitch
+
+    def cached(m):
+        return DiTStepCache(m, refresh=cache_refresh, keep_blocks=cache_keep_blocks) if cache_refresh > 1 else m
+
+    if stitch_small is None:
+        return cached(model)
+    return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
+
+
+@FAMILIES.register("diffusion", schema=DiffusionSampling)
+class DiffusionFamilySampler:
+    """Samples a diffusion-family `model` with `options` (their model paths already loaded)."""
+
+    def __init__(self, model, options: DiffusionSampling):
+        c = model.config
+        self.model = model
+        self.options = options
+        if options.cache_refresh > 1 and options.cache_keep_blocks >= len(model.blocks):
+            raise OptionError("cache_keep_blocks", f"{options.cache_keep_blocks}: expected 0..{len(model.blocks) - 1} "
+                              f"(fewer than the model's {len(model.blocks)} blocks)")
+        if isinstance(options.stitch_small, str):
+            raise GenvisError("stitch_small: load the model first (genvis.generate does)")
+        if options.stitch_small is not None:
+            check_stitch(model, options.stitch_small)
+        try:
+            self.plan = plan_sampling(sampler=options.sampler, steps=options.steps, schedule=schedule_for_model(model),
+                                      prediction=c.prediction_type, grid=options.grid, cfg=options.guidance(),
+                                      learn_sigma=c.learn_sigma, null_label=model.null_class,
+                                      grid_options=options.grid_options, **options.options)
+        except ValueError as err:  # e.g. a grid outside this model's schedule
+            raise OptionError("grid", str(err)) from None
+
+    @property
+    def steps_per_batch(self) -> Optional[int]:
+        """Callback calls per batch (the progress unit), None where the solver decides (rk45, diffusers)."""
+        if self.options.sampler == "rk45" or self.options.sampler.startswith("diffusers:"):
+            return None
+        return len(self.plan.grid) - 1
+
+    def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
+        """Latents [B, *model.sample_shape] for `labels` [B] (on the model's device); sample i's noise and
+        every stochastic step come from generators[i]."""
+        device = labels.device
+        o = self.options
+        x = randn_like(torch.empty(len(labels), *self.model.sample_shape), generators).to(device)
+        # a fresh wrapper per batch: a step cache must not carry a residual from the previous batch
+        network = accelerated(self.model, self.plan.grid, o.stitch_small, o.stitch_fraction, o.cache_refresh,
+                              o.cache_keep_blocks)
+
+        def call(x, t, y):
+            with autocast():
+                return network(x, t, y).float()
+
+        return self.plan.run(call, x, cond={"y": labels}, generator=generators, callback=callback)

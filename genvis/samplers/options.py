@@ -1,0 +1,108 @@
+"""How to sample a diffusion-family generator: one dataclass, validated once, when it is made.
+
+The run config's `sample:` section, the sampling flags shared by `genvis sample` and
+`genvis eval sample-fid`, and `genvis.generate` all carry a `DiffusionSampling`. Its fields are
+checked in `__post_init__`, so an instance is always valid; a bad value raises OptionError naming
+the field (the config loader reports it as `sample.<field>`, the CLI as `--<flag>`).
+
+This module imports no torch at import time: the CLI reads the defaults for `--help` from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from genvis.errors import OptionError
+
+
+@dataclass
+class SampleDefaults:
+    """What every family's sampling options have."""
+
+    num: int = 100  # images for `genvis sample` without --num-samples, and for training preview grids
+
+    def __post_init__(self):
+        if self.num < 1:
+            raise OptionError("num", f"{self.num}: expected >= 1")
+
+
+@dataclass
+class DiffusionSampling(SampleDefaults):
+    """Sampling options of diffusion / flow generators (genvis.samplers.diffusion).
+
+    Args:
+        sampler: a solver name (`genvis samplers`) or diffusers:<SchedulerClass>. Default ddpm.
+        steps: model evaluations per sample (per guided pair). Default 250 (DiT's FID protocol).
+        grid: timestep grid: a name, a .json file or "t1,t2,..." (Python: also a list/tensor of times).
+        grid_options: the named grid's options, e.g. {"rho": 5}.
+        options: the sampler's own options, e.g. {"order": 3}.
+        cfg: classifier-free guidance scale (1 = none).
+        cfg_channels: guide only the first K output channels (official DiT: 3); None = all.
+        cfg_interval: [t_lo, t_hi]: guide only for normalised times t_lo < u <= t_hi (0 data, 1 noise).
+        cfg_schedule: constant | linear (scale over time).
+        stitch_small: T-Stitch: a smaller model (path, or a loaded model) of the same latent space that
+            runs the first `stitch_fraction` of the steps.
+        cache_refresh: DiT step caching: run the deep blocks on every N-th call only (1 = off).
+        cache_keep_blocks: blocks computed on every call when caching.
+    """
+
+    sampler: str = "ddpm"
+    steps: int = 250
+    grid: str = "default"
+    grid_options: Dict[str, Any] = field(default_factory=dict)
+    options: Dict[str, Any] = field(default_factory=dict)
+    cfg: float = 1.0
+    cfg_channels: Optional[int] = None
+    cfg_interval: Optional[List[float]] = None
+    cfg_schedule: str = "constant"
+    stitch_small: Optional[str] = field(default=None, metadata={"model": True})
+    stitch_fraction: float = 0.4
+    cache_refresh: int = 1
+    cache_keep_blocks: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        from genvis.samplers.core import check_options, get_sampler
+        from genvis.samplers.grids import parse_grid_spec
+
+        if self.steps < 1:
+            raise OptionError("steps", f"{self.steps}: expected >= 1")
+        try:
+            fn = get_sampler(self.sampler)
+        except ValueError as err:
+            raise OptionError("sampler", str(err)) from None
+        self.options = dict(self.options or {})
+        self.grid_options = dict(self.grid_options or {})
+        try:
+            check_options(self.sampler, fn, self.options)
+        except ValueError as err:
+            raise OptionError("options", str(err)) from None
+        try:
+            parse_grid_spec(self.grid, **self.grid_options)
+        except ValueError as err:
+            raise OptionError("grid_options" if "option" in str(err) else "grid", str(err)) from None
+        if self.cfg_interval is not None:
+            values = list(self.cfg_interval)
+            if len(values) != 2 or not 0.0 <= float(values[0]) < float(values[1]) <= 1.0:
+                raise OptionError("cfg_interval", f"{values}: expected [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1 "
+                                  "(normalised time, 0 data, 1 noise)")
+            self.cfg_interval = [float(v) for v in values]
+        from genvis.samplers.guidance import CFG_SCHEDULES
+
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise OptionError("cfg_schedule", f"{self.cfg_schedule!r}: expected one of: {', '.join(CFG_SCHEDULES)}")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise OptionError("cfg_channels", f"{self.cfg_channels}: expected >= 1")
+        if not 0.0 <= self.stitch_fraction <= 1.0:
+            raise OptionError("stitch_fraction", f"{self.stitch_fraction}: expected a value in [0, 1]")
+        if self.cache_refresh < 1:
+            raise OptionError("cache_refresh", f"{self.cache_refresh}: expected >= 1")
+        if self.cache_keep_blocks < 0:
+            raise OptionError("cache_keep_blocks", f"{self.cache_keep_blocks}: expected >= 0")
+
+    def guidance(self):
+        """The CFG these options describe."""
+        from genvis.samplers.guidance import CFG
+
+        interval = tuple(self.cfg_interval) if self.cfg_interval is not None else None
+        return CFG(self.cfg, interval=interval, schedule=self.cfg_schedule, channels=self.cfg_channels)

@@ -1,0 +1,84 @@
+"""The Task interface the training loop drives.
+
+One training step, as the loop runs it:
+
+    draws = task.draw(global_batch, generator)        # every random number of the step, whole batch
+    for each micro-batch (gradient accumulation):
+        out = task.losses(modules, batch, draws, step)  # under autocast
+        for spec in task.optimizers():                  # in the declared order
+            backward(out[spec.name]) into spec's modules only
+    clip, non-finite guard, then each optimizer steps (declared order); EMA of task.ema_modules
+
+Randomness: `draw` must take every random number of the step (times, noise, masks, label dropout)
+from the given generator, for the whole global batch; the loop gives each process and each
+micro-batch its slice. That is what makes resume bit-exact and 1 vs N processes equal.
+Modules that no optimizer names (a tokenizer, a teacher) are frozen: moved to the device, put in
+eval mode, never optimised and never checkpointed as trainable state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a task may know about the data before building its modules."""
+
+    num_classes: int
+    image_shape: Tuple[int, int, int]  # C, H, W of the images the loader yields (in [-1, 1])
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An AdamW optimizer over `modules`, stepping with train.lr * lr_scale (betas, weight decay from train)."""
+
+    name: str
+    modules: Tuple[str, ...]
+    lr_scale: float = 1.0
+
+
+class Task:
+    """Subclass, register with `@TASKS.register(name, schema=YourTaskConfig)`, and implement the methods.
+
+    `cfg` is the whole RunConfig; `cfg.task` is an instance of the registered schema.
+    """
+
+    ema_modules: Tuple[str, ...] = ("model",)  # kept as EMA copies, checkpointed, previewed and exported
+    export_module: str = "model"  # the EMA module `genvis sample` loads from a checkpoint
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build(self, data: DataInfo) -> Dict[str, nn.Module]:
+        """Every module of the task by name, trainable and frozen (the global RNG is seeded before)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> List[OptimizerSpec]:
+        """The optimizers, in the order they step (a GAN tokenizer: generator, then discriminator)."""
+        raise NotImplementedError
+
+    def draw(self, num: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Every random number of one step for a global batch of `num`, as tensors with `num` rows (CPU)."""
+        raise NotImplementedError
+
+    def losses(self, modules: Dict[str, nn.Module], batch, draws: Dict[str, torch.Tensor], step: int) -> Dict[str, torch.Tensor]:
+        """{optimizer name: scalar loss} for this micro-batch, plus optional {"log/<name>": scalar} to log.
+        `batch` is (images [B, C, H, W] in [-1, 1], labels [B]) on the device, `draws` this micro-batch's
+        rows of `draw`'s tensors (still on the CPU). Trainable modules may be wrapped (DDP)."""
+        raise NotImplementedError
+
+    def preview(self, modules: Dict[str, nn.Module], path: Path) -> None:
+        """Write a preview image (a sample grid, a reconstruction side-by-side) from the EMA modules."""
+
+    def export(self, modules: Dict[str, nn.Module], folder: Path) -> None:
+        """Write the run's product into `folder` (an empty temporary folder the loop renames into place)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A few words for the run's first log line."""
+        return self.cfg.task.name
