@@ -19,6 +19,7 @@ import torch
 from genvis.evaluation.digits import digits_metrics
 from genvis.generate import class_labels, generate
 from genvis.models import load_model
+from genvis.tokenizers import load_tokenizer
 
 
 def trained(run, overrides) -> Path:
@@ -40,8 +41,10 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    large = load_model(trained(args.run, []))
+    large_run = trained(args.run, [])
+    large = load_model(large_run)
     small = load_model(trained(args.small, ["model.depth=2", "model.hidden_size=96", "model.num_heads=2"]))
+    tokenizer = load_tokenizer(large_run)  # what decodes the large model's output (pixels for the digits preset)
     torch.set_grad_enabled(False)
     labels = class_labels(args.num, large.num_classes)
     common = dict(seed=0, sampler="unipc", steps=args.steps, cfg=2.0, batch_size=len(labels))
@@ -55,14 +58,14 @@ def main() -> None:
     ]
     results = []
     for name, model, options in rows:
-        generate(model, labels[:20], **{**common, "batch_size": 20}, **options)  # warm-up
+        generate(model, tokenizer, labels[:20], **{**common, "batch_size": 20}, **options)  # warm-up
         best = float("inf")
         for _ in range(2):
             calls = {"first": 0, "last": 0}
             hooks = [model.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
                      model.blocks[-1].register_forward_pre_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
             t0 = time.perf_counter()
-            images = generate(model, labels, **common, **options)
+            images = generate(model, tokenizer, labels, **common, **options)
             best = min(best, time.perf_counter() - t0)
             for h in hooks:
                 h.remove()

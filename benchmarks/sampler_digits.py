@@ -24,6 +24,7 @@ from genvis.evaluation.digits import digits_metrics
 from genvis.generate import class_labels, generate
 from genvis.models import load_model
 from genvis.registry import SAMPLERS
+from genvis.tokenizers import load_tokenizer
 
 # (sampler, grid, options): the rows of the table at each NFE, when the sampler is registered
 ROWS = [
@@ -53,11 +54,12 @@ def trained_run(run) -> Path:
     return out
 
 
-def measure(model, labels, cfg, sampler, steps, grid, options) -> dict:
+def measure(model, tokenizer, labels, cfg, sampler, steps, grid, options) -> dict:
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     t0 = time.perf_counter()
-    images = generate(model, labels, seed=0, sampler=sampler, steps=steps, grid=grid, cfg=cfg, batch_size=len(labels), **options)
+    images = generate(model, tokenizer, labels, seed=0, sampler=sampler, steps=steps, grid=grid, cfg=cfg, options=options,
+                      batch_size=len(labels))
     seconds = time.perf_counter() - t0
     hook.remove()
     metrics = digits_metrics(images, labels)
@@ -77,18 +79,19 @@ def main() -> None:
 
     run = trained_run(args.run)
     model = load_model(run)
+    tokenizer = load_tokenizer(run)  # what decodes the model's output (pixels for the digits preset)
     cfg = _run_cfg(run)
     labels = class_labels(args.num, model.num_classes)
     nfes = [int(v) for v in args.nfe.split(",")]
 
-    results = [dict(measure(model, labels, cfg, "ddpm", args.reference_steps, "default", {}), reference=True)]
+    results = [dict(measure(model, tokenizer, labels, cfg, "ddpm", args.reference_steps, "default", {}), reference=True)]
     ref = results[0]
     print(f"reference: ddpm {args.reference_steps} steps: fd {ref['fd']:.1f}, accuracy {ref['class_accuracy']:.3f}", flush=True)
     for nfe in nfes:
         for sampler, grid, options in ROWS:
             if sampler not in SAMPLERS:
                 continue
-            row = measure(model, labels, cfg, sampler, nfe, grid, options)
+            row = measure(model, tokenizer, labels, cfg, sampler, nfe, grid, options)
             results.append(row)
             print(f"  nfe {row['nfe']:>3} {sampler:<15} {grid:<8} fd {row['fd']:7.1f}  acc {row['class_accuracy']:.3f}", flush=True)
 

@@ -106,16 +106,21 @@ def finalize_dir(tmp: PathLike, final: PathLike) -> None:
 
 
 def check_writable_target(path: PathLike, what: str = "output") -> Path:
-    """Fail now, with one line, if `path` cannot be created later: a parent that is a file, or a folder
-    that does not let us write. Creates nothing."""
+    """Fail now, with one line, if `path` cannot be written later: a parent that is a file, a folder we
+    may not write in, a read-only filesystem. Probes by creating (and removing) a temporary file in the
+    nearest existing folder, which is what decides; creates nothing else."""
     path = Path(path)
     parent = path.parent
-    while not parent.exists():  # the nearest existing ancestor decides
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor decides
         parent = parent.parent
     if not parent.is_dir():
         raise GenvisError(f"{path}: cannot write the {what}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GenvisError(f"{path}: cannot write the {what}: no write permission in {parent}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".genvis-write-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise GenvisError(f"{path}: cannot write the {what} in {parent} ({err.strerror or err})") from None
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from genvis.data.digits import DigitsDataset  # noqa: E402
 from genvis.evaluation.digits import CLASSIFIER_PATH, DigitsClassifier, prepare_images  # noqa: E402
+from genvis.io import atomic_path, write_text_atomic  # noqa: E402
 
 # Generators are evaluated at their own resolution and resized to 16 by prepare_images, so the
 # classifier is trained on the train split as seen through each of those paths (8 -> 16 is
@@ -100,16 +100,11 @@ def main() -> None:
 
     from safetensors.torch import save_file
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates the file owner-only; the asset is package data
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:  # renamed with a plain write's mode (package data, not owner-only)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     info = {"test_accuracy": test_accuracy, "script": "scripts/train_digits_classifier.py", "steps": args.steps}
     json_path = args.out.with_suffix(".json")
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    write_text_atomic(json_path, json.dumps(info, indent=2) + "\n")
     print(f"wrote {args.out} and {json_path}")
 
 

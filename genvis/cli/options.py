@@ -79,7 +79,7 @@ def add_evaluation_options(p, device_default="cpu") -> None:
     p.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="torch-fidelity Inception-v3 state dict (tensors only); needed offline unless it is in the "
                    "torch hub cache")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (memory only; results do not depend on it)")
     p.add_argument("--device", default=device_default, metavar="D",
                    help=f"torch device for the feature extractor (default {device_default or 'the process device'})")
 

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
         "--with-images also arr_0 (uint8 NHWC), so KID and precision/recall can use it. The file is written atomically.",
     )
     p.add_argument("data", metavar="DATA")
-    p.add_argument("--out", required=True, metavar="OUT.npz")
+    p.add_argument("--out", required=True, metavar="OUT.npz", help="the reference file to write (atomically)")
     p.add_argument("--with-images", action="store_true", help="also store the images as arr_0")
     p.add_argument("--split", default="train", help="dataset split when DATA is a dataset config (default train)")
     add_evaluation_options(p)

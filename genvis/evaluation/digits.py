@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from genvis.errors import GenvisError
 from genvis.evaluation.fid import feature_statistics, frechet_distance
+from genvis.generate import MANIFEST  # a PNG folder's samples.json: {"labels": [...], "files": [...]}
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
@@ -35,7 +36,6 @@ RESOLUTION = 16  # the classifier's input side
 FEATURE_DIM = 128
 NUM_CLASSES = 10
 MIN_RESOLUTION = 8  # the digits' native size: the smallest the reference can be rendered at
-MANIFEST = "samples.json"  # labels of a PNG folder: {"labels": [int, ...], "files": ["000000.png", ...], ...}
 NPZ_EXPECTED = "expected ADM-style arr_0 uint8 [N, H, W, C] plus optional labels [N], or a folder of PNG images"
 
 
