@@ -17,8 +17,8 @@ install: $(STAMP)
 DEMO_RUN := runs/digits-dit
 demo: $(STAMP)
 	$(VENV)/bin/genvis train configs/digits/dit.yaml output_dir=$(DEMO_RUN)
-	$(VENV)/bin/genvis sample $(DEMO_RUN) --num 100 --balanced --out $(DEMO_RUN)/grid.png
-	$(VENV)/bin/genvis sample $(DEMO_RUN) --num 1000 --balanced --out $(DEMO_RUN)/samples.npz
+	$(VENV)/bin/genvis sample $(DEMO_RUN) --num-samples 100 --balanced --out $(DEMO_RUN)/grid.png
+	$(VENV)/bin/genvis sample $(DEMO_RUN) --num-samples 1000 --balanced --out $(DEMO_RUN)/samples.npz
 	$(VENV)/bin/genvis eval digits $(DEMO_RUN)/samples.npz
 
 test: $(STAMP)

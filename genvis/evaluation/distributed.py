@@ -116,7 +116,7 @@ def _features_match(path: Path, tag: str) -> bool:
 
 
 def shard_features(out: Path, num: int, shard_size: int, extractor, tag: str, *, rank: int, world: int,
-                   batch_size: int = 64) -> None:
+                   batch_size: int = 64, progress: bool = False) -> None:
     """Extract `extractor`'s features from this process's shards, unless a file with the same
     `extractor_tag` (extractor, feature names, weights) is already there."""
     from genvis.evaluation.features import extract
@@ -128,7 +128,9 @@ def shard_features(out: Path, num: int, shard_size: int, extractor, tag: str, *,
         path = features_path(out, k, extractor.name)
         if k % world != rank or _features_match(path, tag):
             continue
-        acc = extract(extractor, NpzSource(shard_path(out, k)).batches(batch_size), keep=layers)
+        source = NpzSource(shard_path(out, k))
+        acc = extract(extractor, source.batches(batch_size), keep=layers, progress=progress, total=len(source),
+                      desc=f"features, shard {k}")
         write_npz_atomic(path, tag=np.array(tag), **{name: acc.kept(name).numpy() for name in layers})
 
 
@@ -248,7 +250,8 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
                       batch_size=batch_size, sampling=sampling, precision=precision, progress=progress)
     if extractor is not None:
         tag = extractor_tag(extractor)
-        shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size)
+        shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size,
+                       progress=progress)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
