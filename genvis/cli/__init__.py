@@ -41,9 +41,13 @@ def one_line(err: BaseException) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error already printed as one line
         return int(done.code or 0)
+    if extra:  # named after the subcommand that did not take them, not after `genvis`
+        print(f"genvis {args.command}: error: unrecognized arguments: {' '.join(extra)} (see genvis {args.command} --help)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return int(args.func(args) or 0)
     except GenvisError as err:

@@ -136,6 +136,10 @@ def test_latent_training_records_its_tokenizer_and_samples_through_it(tmp_path):
     config = json.loads((run / "model" / "config.json").read_text())
     assert (config["in_channels"], config["input_size"]) == (4, 8)
     assert json.loads((run / "model" / "tokenizer" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    # the frozen tokenizer is neither optimised nor checkpointed as trainable state
+    ckpt = run / "checkpoints" / "step_0000002"
+    assert not (ckpt / "model_1.safetensors").exists() and not (ckpt / "optimizer_1.bin").exists()
+    assert sorted(p.name for p in (ckpt / "ema").iterdir()) == ["model"]
     for source in (run, run / "checkpoints" / "step_0000002"):
         out = tmp_path / f"{source.name}.npz"
         proc = subprocess.run([sys.executable, "-m", "genvis", "sample", str(source), "--num-samples", "2", "--out", str(out),
