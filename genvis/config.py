@@ -155,6 +155,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
             raise _wrap(err, f"override {item!r}") from None
     if OmegaConf.is_missing(cfg, "output_dir"):
         raise ConfigError("key 'output_dir': missing; set it in the YAML or as output_dir=PATH")
+    for name in ("data", "tokenizer", "model", "task", "train", "sample"):
+        if cfg[name] is None:  # `model:` with every key commented out, or `task: null`
+            raise ConfigError(f"key '{name}': null; expected a mapping of its keys (or leave the section out for the defaults)")
     try:
         run = OmegaConf.to_object(cfg)
     except OptionError as err:  # the sampling dataclass checks itself when it is made

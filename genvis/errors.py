@@ -1,6 +1,13 @@
 """The one error type the CLI turns into a single line and a non-zero exit."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), for one-line
+    errors that quote a library's own message."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 class GenvisError(Exception):
     """Bad input: the message names the file, key or value at fault and what was expected."""
 

@@ -10,6 +10,7 @@ on which batch it falls in, or on how many processes share the work.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -67,12 +68,17 @@ def sampling_options(model, sampling=None, **fields):
 
 def load_model_fields(options, device):
     """Options whose fields name another model (field metadata "model", e.g. T-Stitch's small model)
-    with that model loaded from its path."""
+    with that model loaded from its path (a copy; the options were validated when they were made)."""
     from genvis.models import load_model
 
-    changes = {f.name: load_model(getattr(options, f.name), device=device) for f in dataclasses.fields(options)
-               if f.metadata.get("model") and isinstance(getattr(options, f.name), (str, Path))}
-    return dataclasses.replace(options, **changes) if changes else options
+    paths = [f.name for f in dataclasses.fields(options)
+             if f.metadata.get("model") and isinstance(getattr(options, f.name), (str, Path))]
+    if not paths:
+        return options
+    loaded = copy.copy(options)
+    for name in paths:
+        setattr(loaded, name, load_model(getattr(options, name), device=device))
+    return loaded
 
 
 def check_tokenizer(model, tokenizer) -> None:
@@ -92,7 +98,7 @@ def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_ind
     (genvis.load_tokenizer), or None for the raw generator output (latents). sampling: the family's
     options (DiffusionSampling for diffusion models), or give its fields as keywords
     (`generate(model, tok, labels, sampler="unipc", steps=10, cfg=2.0)`). precision: auto | fp32 |
-    bf16 | fp16 for the network calls. progress: a bar counting sampling steps.
+    bf16 | fp16 for the network calls. progress: a bar counting sampling steps (on a terminal).
     """
     if batch_size < 1:
         raise GenvisError(f"batch_size {batch_size}: expected >= 1")
@@ -108,7 +114,7 @@ def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_ind
 
         per_batch = family_sampler.steps_per_batch
         batches = math.ceil(len(labels) / batch_size)
-        bar = tqdm(total=per_batch * batches if per_batch else None, unit="step",
+        bar = tqdm(total=per_batch * batches if per_batch else None, unit="step", disable=None,  # terminals only
                    desc=f"sampling {len(labels)} ({batches} batch{'es' if batches > 1 else ''})")
     out = []
     try:
@@ -152,21 +158,19 @@ def save_grid(images_u8: np.ndarray, path, nrow: Optional[int] = None) -> None:
 
 
 MANIFEST = "samples.json"  # in a PNG folder written by save_samples: labels and provenance
-# suffixes of files genvis does not write: `--out x.jpg` is refused instead of becoming a folder
-FOREIGN_SUFFIXES = {".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".pt", ".pth", ".safetensors",
-                    ".json", ".txt", ".csv", ".yaml", ".yml"}
 
 
 def output_kind(out) -> str:
-    """"grid" (OUT.png), "npz" (OUT.npz) or "folder" (anything else without a file suffix)."""
+    """"grid" (OUT.png), "npz" (OUT.npz) or "folder" (a path without a suffix). Any other suffix (x.jpg,
+    x.png.bak) is refused rather than silently becoming a folder."""
     suffix = Path(out).suffix.lower()
     if suffix == ".png":
         return "grid"
     if suffix == ".npz":
         return "npz"
-    if suffix in FOREIGN_SUFFIXES:
+    if suffix:
         raise GenvisError(f"{out}: genvis does not write {suffix} files; use OUT.png (a grid), OUT.npz (ADM arr_0 + "
-                          "labels) or a folder (one PNG per sample)")
+                          "labels) or a folder path without a suffix (one PNG per sample)")
     return "folder"
 
 

@@ -12,39 +12,32 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from genvis.errors import GenvisError
+from genvis.errors import GenvisError, first_line
 
 PathLike = Union[str, os.PathLike]
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; put it back at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _plain_file_mode(tmp: Path) -> None:
-    os.chmod(tmp, 0o666 & ~_umask())
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on success it is renamed to `path` (replacing it) with
-    the mode of a plain write, on any error it is removed. The parent folder is created if needed."""
+    """Yields a temporary path beside `path`; on success it is renamed to `path` (replacing it), on any
+    error it is removed. The parent folder is created if needed. The file is created with mode 0666 and
+    the process umask applied by the kernel, as a plain write would (mkstemp would give 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        _plain_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -83,14 +76,15 @@ def scratch_file(folder: PathLike, suffix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """Yields an empty temporary folder beside `path`; on success it replaces `path` (an older folder
-    of that name is removed only then), on any error it is removed."""
+    """Yields an empty temporary folder beside `path` (mode 0777 less the umask, as a plain mkdir); on
+    success it replaces `path` (an older folder of that name is removed only then), on any error it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary_name(path)
+    os.mkdir(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
         finalize_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,5 +154,4 @@ def load_checkpoint_file(path: PathLike) -> dict:
             f"(weights_only=True). Re-save just the state dict (torch.save(ckpt['ema'], ...)). Detail: {first}"
         ) from None
     except Exception as err:
-        detail = str(err).splitlines()[0] if str(err) else ""
-        raise GenvisError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
+        raise GenvisError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {first_line(err)})") from None

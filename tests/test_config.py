@@ -89,3 +89,12 @@ def test_config_module_imports_no_model_code():
     code = "import sys, genvis.config; print(sorted(m for m in sys.modules if m.startswith(('genvis.models', 'genvis.training'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize("section", ["model", "task", "sample", "data", "train"])
+def test_a_null_section_is_one_line(tmp_path, section):
+    bad = tmp_path / "null.yaml"
+    bad.write_text(f"output_dir: /tmp/x\n{section}:\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert f"'{section}'" in str(err.value) and "\n" not in str(err.value)

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from genvis.errors import GenvisError, OptionError
+from genvis.errors import GenvisError, OptionError, first_line
 from genvis.evaluation import FEATURE_SETS
 from genvis.precision import PRECISIONS
 
@@ -179,11 +179,14 @@ def sampling_from_args(args, path, family: str):
     """The family's sampling options: the run's defaults, with every flag the user set on top. A flag
     --sampler drops the run's sampler options, and --grid its grid options (they belong to them)."""
     base = run_sampling_defaults(path, family)
+    fields = {f.name for f in dataclasses.fields(base)}
     changes = {}
     for dest, field in SAMPLING_FLAGS.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
+        if field not in fields:
+            raise GenvisError(f"{FIELD_FLAGS[field]}: does not apply to {family} models")
         if dest in ("option", "grid_option"):
             try:
                 value = parse_pairs(value, "--" + dest.replace("_", "-"))
@@ -207,7 +210,7 @@ def check_device(name: str) -> str:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise GenvisError(f"--device {name!r}: {str(err).splitlines()[0]}; expected e.g. cpu, cuda, cuda:1") from None
+        raise GenvisError(f"--device {name!r}: {first_line(err)}; expected e.g. cpu, cuda, cuda:1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GenvisError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genvis.errors import GenvisError
+from genvis.errors import GenvisError, first_line
 from genvis.evaluation.fid import feature_statistics, frechet_distance
 from genvis.generate import MANIFEST  # a PNG folder's samples.json: {"labels": [...], "files": [...]}
 
@@ -255,7 +255,7 @@ def evaluate_npz(path: Union[str, Path], *, batch_size: int = 256, progress: boo
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as err:  # a damaged zip
-        raise GenvisError(f"{path}: cannot read as .npz ({_first_line(err)}); {NPZ_EXPECTED}") from None
+        raise GenvisError(f"{path}: cannot read as .npz ({first_line(err)}); {NPZ_EXPECTED}") from None
     with data:
         if "arr_0" not in data.files:
             raise GenvisError(f"{path}: key 'arr_0' missing; expected uint8 images [N, H, W, C] (found keys: {', '.join(data.files) or 'none'})")
@@ -271,16 +271,12 @@ def evaluate_npz(path: Union[str, Path], *, batch_size: int = 256, progress: boo
     return {**_metrics(feats, preds, labels, images.shape[1]), "path": str(path)}
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _read_member(data, key: str, path: Path, expected: str) -> np.ndarray:
     """data[key] of an open .npz, or one line naming the key when it cannot be read (object arrays, truncation)."""
     try:
         return data[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise GenvisError(f"{path}: key '{key}' is not a readable numeric array ({_first_line(err)}); "
+        raise GenvisError(f"{path}: key '{key}' is not a readable numeric array ({first_line(err)}); "
                           f"expected {expected}") from None
 
 
@@ -299,7 +295,7 @@ def read_manifest_labels(folder: Union[str, Path], files) -> Optional[np.ndarray
     try:
         content = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GenvisError(f"{manifest}: not readable as JSON ({_first_line(err)}); expected {form}") from None
+        raise GenvisError(f"{manifest}: not readable as JSON ({first_line(err)}); expected {form}") from None
     if not isinstance(content, dict):
         raise GenvisError(f"{manifest}: a JSON {type(content).__name__}; expected an object {form}")
     for key in ("labels", "files"):

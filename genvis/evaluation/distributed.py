@@ -75,9 +75,9 @@ def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) 
 
 
 def sample_shards(model, tokenizer, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
-                  batch_size: int, sampling, precision: str = "auto", progress: bool = False) -> List[int]:
+                  batch_size: int, sampling, precision: str = "auto", progress: bool = False, log: bool = False) -> List[int]:
     """Sample this process's missing shards; returns the shard numbers it wrote. A shard sampled anew
-    drops any features extracted from an earlier file of that shard."""
+    drops any features extracted from an earlier file of that shard. log: a line per shard; progress: bars."""
     import torch
 
     from genvis.generate import generate, to_uint8
@@ -89,7 +89,7 @@ def sample_shards(model, tokenizer, out: Path, labels: np.ndarray, *, seed: int,
         for stale in (out / "shards").glob(f"features_*_{k:06d}.npz"):
             stale.unlink()
         (out / "samples.npz").unlink(missing_ok=True)  # assembled from the shards before this one was redone
-        if progress:
+        if log:
             print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
         images = generate(model, tokenizer, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
                           sampling=sampling, batch_size=batch_size, precision=precision, progress=progress)
@@ -241,17 +241,20 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         metrics = check_metrics(metrics)
         extractor = build_extractor(features, weights=weights, device=device, features=feature_layers(metrics, features))
     rank, world = state.process_index, state.num_processes
+    bars = progress and state.is_local_main_process  # one set of progress bars per machine
     if missing_shards(out, num, shard_size, rank, world):  # a finished run's rerun loads no generator
+        from genvis.generate import load_model_fields
         from genvis.tokenizers import load_tokenizer
 
         model = load_model(model_path, device=device)
         decoder = load_tokenizer(tokenizer or model_path, device=device)
         sample_shards(model, decoder, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world,
-                      batch_size=batch_size, sampling=sampling, precision=precision, progress=progress)
+                      batch_size=batch_size, sampling=load_model_fields(sampling, device),  # once, not per shard
+                      precision=precision, progress=bars, log=progress)
     if extractor is not None:
         tag = extractor_tag(extractor)
         shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size,
-                       progress=progress)
+                       progress=bars)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

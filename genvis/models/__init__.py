@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from genvis.errors import GenvisError
+from genvis.errors import GenvisError, first_line
 from genvis.io import find_run_dir
 from genvis.models.dit import DiT
-
-# diffusers' config.json records the class as `_class_name`.
-MODEL_CLASSES = {"DiT": DiT}
+from genvis.registry import MODELS
 
 
 def resolve_model_dir(path) -> Path:
@@ -40,12 +38,15 @@ def read_model_config(path) -> dict:
 
 
 def model_class(path):
-    """The generator class a model folder's config.json names."""
+    """The generator class a model folder's config.json names (diffusers records it as `_class_name`),
+    looked up among the MODELS entries' classes."""
     folder = resolve_model_dir(path)
     name = read_model_config(folder).get("_class_name")
-    if name not in MODEL_CLASSES:
-        raise GenvisError(f"{folder / 'config.json'}: _class_name {name!r} is not a genvis model; expected one of: {', '.join(MODEL_CLASSES)}")
-    return MODEL_CLASSES[name]
+    MODELS.load_all()
+    classes = {entry.meta["cls"].__name__: entry.meta["cls"] for entry in map(MODELS.entry, MODELS.names())}
+    if name not in classes:
+        raise GenvisError(f"{folder / 'config.json'}: _class_name {name!r} is not a genvis model; expected one of: {', '.join(classes)}")
+    return classes[name]
 
 
 def _check_weights(folder: Path) -> None:
@@ -61,8 +62,7 @@ def _check_weights(folder: Path) -> None:
                 for key in f.keys():  # reads each tensor's bytes: a truncated file fails here
                     f.get_slice(key)
         except Exception as err:
-            detail = str(err).strip().splitlines()
-            raise GenvisError(f"{file}: not a readable safetensors file ({detail[0] if detail else type(err).__name__}); "
+            raise GenvisError(f"{file}: not a readable safetensors file ({first_line(err)}); "
                               "it may be truncated: export or copy it again") from None
 
 
@@ -79,7 +79,7 @@ def load_model(path, device="cpu"):
     try:
         return model.to(device).eval()
     except (RuntimeError, AssertionError) as err:
-        raise GenvisError(f"device {device!r}: {str(err).splitlines()[0]}") from None
+        raise GenvisError(f"device {device!r}: {first_line(err)}") from None
 
 
 __all__ = ["DiT", "load_model", "model_class", "read_model_config", "resolve_model_dir"]

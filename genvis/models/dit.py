@@ -269,7 +269,7 @@ class DiTConfig:
             raise ConfigError(f"key 'model.class_dropout': {self.class_dropout}: expected a value in [0, 1)")
 
 
-@MODELS.register("dit", schema=DiTConfig, family="diffusion", task="diffusion")
+@MODELS.register("dit", schema=DiTConfig, cls=DiT, family=DiT.family, task="diffusion")
 def dit_from_config(section: DiTConfig, *, sample_shape: Tuple[int, int, int], num_classes: int, **diffusion) -> DiT:
     """The DiT a run config describes, for inputs of `sample_shape` (C, H, W); `diffusion` holds what the
     training task decides (prediction_type, schedule and its parameters, learn_sigma)."""

@@ -23,7 +23,8 @@ COMMON_ARGS = ("denoiser", "x", "grid", "cond", "generator", "callback", "progre
 
 def register_sampler(name: str, *, steps_doc: str = "model evaluations per sample", intervals: Callable[[int], int] = None,
                      stochastic: bool = False, fn: Callable = None, summary: str = None, choices: Dict[str, tuple] = None,
-                     discrete_grid: str = None, minimum: Dict[str, float] = None, positive: tuple = ()):
+                     discrete_grid: str = None, minimum: Dict[str, float] = None, positive: tuple = (),
+                     steps_per_interval: bool = True):
     """Register `fn` (or the decorated function) as sampler `name`.
 
     steps_doc: what `steps` means for it; intervals: steps -> grid intervals (identity by default);
@@ -32,7 +33,8 @@ def register_sampler(name: str, *, steps_doc: str = "model evaluations per sampl
     that must be > 0; all three are checked by `sample()` before the first model call;
     discrete_grid: what grid "default" means on a discrete schedule, where genvis's own default is
     DiT's respacing (made for DDPM/DDIM; it ends with a long step from t = 111-ish to t = 0 that
-    multistep extrapolation handles badly).
+    multistep extrapolation handles badly); steps_per_interval: whether the callback runs once per grid
+    interval (False for adaptive solvers: progress bars then count without a total).
     """
 
     def decorator(f):
@@ -46,6 +48,7 @@ def register_sampler(name: str, *, steps_doc: str = "model evaluations per sampl
             "discrete_grid": discrete_grid,
             "minimum": dict(minimum or {}),
             "positive": tuple(positive),
+            "steps_per_interval": steps_per_interval,
         }
         # one function under several names (or a partial): give each name its own metadata holder
         wrapped = functools.partial(f) if hasattr(f, "sampler_meta") else f

@@ -220,6 +220,7 @@ def diffusers_sampler(class_name: str) -> Callable:
                       f"num_inference_steps n = len(grid) - 1, the scheduler's own timesteps, {evals}"),
         "intervals": _intervals_for(cls),
         "stochastic": stochastic,
+        "steps_per_interval": False,  # the scheduler makes its own timesteps
         "summary": f"diffusers {class_name}, built from the genvis schedule"
                    + (" (may draw noise, depending on its options)" if stochastic else ""),
     }

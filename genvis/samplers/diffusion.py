@@ -19,7 +19,7 @@ from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import GenvisError, OptionError
 from genvis.registry import FAMILIES
 from genvis.samplers.common import randn_like
-from genvis.samplers.core import plan_sampling
+from genvis.samplers.core import SamplingPlan, get_sampler, resolve_grid
 from genvis.samplers.options import DiffusionSampling
 
 # what two models must share for T-Stitch (one latent space, schedule and prediction type)
@@ -64,20 +64,17 @@ class DiffusionFamilySampler:
             raise GenvisError("stitch_small: load the model first (genvis.generate does)")
         if options.stitch_small is not None:
             check_stitch(model, options.stitch_small)
+        # the sampler, its options and the grid spec were checked when `options` was made; what is left
+        # depends on the model: the grid on its schedule
+        fn = get_sampler(options.sampler)
+        schedule = schedule_for_model(model)
         try:
-            self.plan = plan_sampling(sampler=options.sampler, steps=options.steps, schedule=schedule_for_model(model),
-                                      prediction=c.prediction_type, grid=options.grid, cfg=options.guidance(),
-                                      learn_sigma=c.learn_sigma, null_label=model.null_class,
-                                      grid_options=options.grid_options, **options.options)
-        except ValueError as err:  # e.g. a grid outside this model's schedule
+            grid = resolve_grid(options.grid, schedule, fn, options.steps, options.grid_options)
+        except ValueError as err:  # e.g. explicit times outside this model's schedule
             raise OptionError("grid", str(err)) from None
-
-    @property
-    def steps_per_batch(self) -> Optional[int]:
-        """Callback calls per batch (the progress unit), None where the solver decides (rk45, diffusers)."""
-        if self.options.sampler == "rk45" or self.options.sampler.startswith("diffusers:"):
-            return None
-        return len(self.plan.grid) - 1
+        self.plan = SamplingPlan(fn, options.options, grid, schedule, c.prediction_type, c.learn_sigma, options.guidance(),
+                                 model.null_class)
+        self.steps_per_batch = len(grid) - 1 if fn.sampler_meta.get("steps_per_interval", True) else None
 
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         """Latents [B, *model.sample_shape] for `labels` [B] (on the model's device); sample i's noise and

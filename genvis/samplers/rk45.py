@@ -60,7 +60,8 @@ def rms(v: torch.Tensor) -> float:
 
 
 @register_sampler("rk45", steps_doc="ignored (adaptive: accuracy is set by rtol/atol; the grid gives the start time only)",
-                  intervals=lambda steps: 1, discrete_grid="trailing", positive=("rtol", "atol", "max_steps"))
+                  intervals=lambda steps: 1, discrete_grid="trailing", positive=("rtol", "atol", "max_steps"),
+                  steps_per_interval=False)
 @torch.no_grad()
 def sample_rk45(denoiser: Denoiser, x, grid, *, cond=None, generator=None, callback=None, progress=False,
                 rtol=1e-5, atol=1e-5, max_steps=1000, t_end=None):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from genvis.errors import GenvisError
+from genvis.errors import GenvisError, first_line
 from genvis.io import find_run_dir
 from genvis.registry import TOKENIZERS
 from genvis.tokenizers.base import PixelTokenizer, Tokenizer
@@ -40,8 +40,7 @@ def _load_folder(folder: Path, device) -> Tokenizer:
     except GenvisError:
         raise
     except Exception as err:  # diffusers' own errors: a missing or truncated weights file, a bad config
-        detail = str(err).strip().splitlines()
-        raise GenvisError(f"{folder}: cannot load the tokenizer ({detail[0] if detail else type(err).__name__})") from None
+        raise GenvisError(f"{folder}: cannot load the tokenizer ({first_line(err)})") from None
 
 
 def load_tokenizer(path, device="cpu") -> Tokenizer:

@@ -22,13 +22,14 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from genvis.errors import GenvisError
+from genvis.errors import GenvisError, first_line
 from genvis.io import finalize_dir, write_json_atomic, write_text_atomic
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
-# Keys a rerun may change: they do not change what has been trained so far.
+# Keys a rerun may change: they do not change what has been trained so far. The step size (lr, warm-up,
+# clipping) is among them because lowering it is the remedy the non-finite guard suggests.
 RESUMABLE_KEYS = ("output_dir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.sample_every", "data.num_workers")
+                  "train.sample_every", "data.num_workers", "train.lr", "train.warmup_steps", "train.grad_clip")
 RESUMABLE_SECTIONS = ("sample.",)
 
 
@@ -106,28 +107,30 @@ def config_changes(stored: dict, new: dict) -> Tuple[Dict[str, tuple], Dict[str,
 
 
 def check_rerun(out: Path, new: dict) -> Dict[str, tuple]:
-    """For a rerun on an existing run: the allowed changes, or one TrainingError listing the others
-    (and config.yaml untouched). Changing the model, the data, the task or the optimiser would resume
-    weights that the new config did not make."""
+    """For a rerun on a run that has a checkpoint: the allowed changes, or one TrainingError listing the
+    others (and config.yaml untouched). Changing the model, the data, the task or the optimiser would
+    resume weights that the new config did not make. (A run without a checkpoint has trained nothing
+    and may be rerun with any config.)"""
     from omegaconf import OmegaConf
 
     path = out / "config.yaml"
     try:
         stored = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as err:
-        raise TrainingError(f"{path}: cannot read the run's stored config ({str(err).splitlines()[0]})") from None
+        raise TrainingError(f"{path}: cannot read the run's stored config ({first_line(err)})") from None
     allowed, refused = config_changes(stored, new)
     if refused:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
         raise TrainingError(f"{out} was made with another config; these keys differ: {listed}. A rerun may change only "
-                            f"train.steps (upward), the log/checkpoint/sample cadences and sample.*; use a new output_dir")
+                            f"train.steps (upward), train.lr/warmup_steps/grad_clip, the log/checkpoint/sample cadences "
+                            f"and sample.*; use a new output_dir")
     return allowed
 
 
-def record_config(out: Path, yaml_text: str, changes: Dict[str, tuple], step: int, new_run: bool) -> None:
-    """Write config.yaml for a new run; on a rerun with allowed `changes` (check_rerun), append them to
-    config_changes.jsonl and write the new config.yaml."""
-    if new_run:
+def record_config(out: Path, yaml_text: str, changes: Dict[str, tuple], step: int, fresh: bool) -> None:
+    """Write config.yaml for a run starting from step 0; on a resume with allowed `changes` (check_rerun),
+    append them to config_changes.jsonl and write the new config.yaml."""
+    if fresh:
         write_text_atomic(out / "config.yaml", yaml_text)
     elif changes:
         history = out / "config_changes.jsonl"
@@ -168,22 +171,23 @@ def write_checkpoint(accelerator, emas: Dict[str, object], step: int, out: Path,
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process's files (its random states) are in tmp before the rename
         if accelerator.is_main_process:
             for name, ema in emas.items():
-                ema.model.save_pretrained(str(tmp / "ema" / name), safe_serialization=True)
+                ema.model.save_pretrained(str(tmp / "ema" / name))
             write_json_atomic(tmp / "trainer_state.json", {"step": step})
             finalize_dir(tmp, final)
             prune_checkpoints(out, keep)
     except Exception as err:
+        if not accelerator.is_main_process:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(out)
         kept_text = f"the newest complete checkpoint, {kept.name}, is kept" if kept else "no earlier checkpoint exists"
         if _disk_full(err):
             raise TrainingError(f"disk full while writing checkpoint {final}; it was discarded and {kept_text}. "
                                 "Free space and rerun the same command to resume") from None
-        detail = str(err).strip().splitlines()
-        raise TrainingError(f"could not write checkpoint {final} ({detail[0] if detail else type(err).__name__}); "
-                            f"it was discarded and {kept_text}") from None
+        raise TrainingError(f"could not write checkpoint {final} ({first_line(err)}); it was discarded and {kept_text}") from None
     accelerator.wait_for_everyone()
     return final
 

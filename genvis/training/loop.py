@@ -144,12 +144,12 @@ def train(cfg: RunConfig) -> Path:
     # anything is written; config.yaml is untouched when it is refused).
     ckpt = latest_checkpoint(out)
     start_step = read_trainer_state(ckpt)["step"] if ckpt is not None else 0
-    new_run = not (out / "config.yaml").is_file()
-    changes = {} if new_run else check_rerun(out, to_dict(cfg))
+    fresh = ckpt is None  # nothing trained yet: any config may (re)start the run
+    changes = {} if fresh else check_rerun(out, to_dict(cfg))
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
-        record_config(out, to_yaml(cfg), changes, start_step, new_run)
+        record_config(out, to_yaml(cfg), changes, start_step, fresh)
         for key, (old, new) in changes.items():
             print(f"config change on rerun: {key}: {old!r} -> {new!r} (recorded in config_changes.jsonl)")
     state.wait_for_everyone()
@@ -199,7 +199,7 @@ def train(cfg: RunConfig) -> Path:
     if accelerator.is_local_main_process:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True)
+        progress = tqdm(total=t.steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)  # terminals only
 
     for name in trainable:
         modules[name].train()

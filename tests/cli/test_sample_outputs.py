@@ -1,7 +1,9 @@
 """`genvis sample` checks where it will write before sampling, never mixes new images with stale ones,
 reports unreadable weights in one line, and counts progress in sampling steps."""
+import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -38,6 +40,7 @@ def one_error_line(capsys):
     (lambda d: (d / "file").write_text("x"), "file/samples.npz", "is a file, not a folder"),
     (lambda d: (d / "file").write_text("x"), "file/deeper/grid.png", "is a file, not a folder"),
     (lambda d: None, "samples.jpg", "does not write .jpg files"),
+    (lambda d: None, "grid.png.bak", "does not write .bak files"),
     (lambda d: (d / "adir.png").mkdir(), "adir.png", "is a folder; a grid output needs a file path"),
     (lambda d: (d / "pngs").write_text("x"), "pngs", "exists and is not a folder"),
     (lambda d: ((d / "pngs").mkdir(), (d / "pngs" / "mine.png").write_text("x")), "pngs", "folder is not empty"),
@@ -98,8 +101,18 @@ def test_unreadable_weights_are_one_line(model_dir, tmp_path, capsys, damage):
     assert str(weights) in line and "not a readable safetensors file" in line
 
 
-def test_progress_counts_sampling_steps(model_dir, tmp_path, capsys):
-    """4 samples in batches of 2 with 5 steps: the bar runs to 10 steps, not 2 batches."""
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_counts_sampling_steps(model_dir, tmp_path, capsys, monkeypatch):
+    """4 samples in batches of 2 with 5 steps: the bar runs to 10 steps, not 2 batches; on a terminal only."""
+    assert run(model_dir, tmp_path / "quiet.npz", "--num-samples", "4") == 0
+    assert "step" not in capsys.readouterr().err  # not a terminal: no carriage-return lines in logs
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     assert run(model_dir, tmp_path / "x.npz", "--num-samples", "4", "--batch-size", "2", "--steps", "5") == 0
-    err = capsys.readouterr().err
-    assert "10/10" in err and "2 batches" in err
+    assert "10/10" in terminal.getvalue() and "2 batches" in terminal.getvalue()

@@ -43,7 +43,7 @@ def test_rerun_with_another_config_is_refused_and_leaves_the_run_alone(tmp_path)
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
     stored = (out / "config.yaml").read_bytes()
-    for change, listed in (("model.depth=3", "model.depth (2 -> 3)"), ("train.lr=0.1", "train.lr (0.001 -> 0.1)"),
+    for change, listed in (("model.depth=3", "model.depth (2 -> 3)"), ("train.weight_decay=0.1", "train.weight_decay (0.0 -> 0.1)"),
                            ("train.steps=1", "train.steps (2 -> 1)"), ("task.time_sampling=uniform", "task.time_sampling ('logit_normal' -> 'uniform')")):
         code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", "train.checkpoint_every=2", change)
         lines = error_lines(stderr)
@@ -66,6 +66,17 @@ def test_allowed_changes_resume_and_are_recorded(tmp_path):
     train(ref, "train.steps=4", "train.checkpoint_every=2")
     a, b = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors")), load_file(str(ref / "model" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a lower learning rate (the non-finite guard's advice) may continue the run from its last checkpoint
+    stdout = train(out, "train.steps=6", "train.checkpoint_every=2", "sample.cfg=3.0", "train.lr=1e-4")
+    assert "resuming from" in stdout and "train.lr: 0.001 -> 0.0001" in stdout
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_a_corrected_config(tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", f"tokenizer.path={tmp_path / 'none'}")
+    assert code == 2 and "no config.json" in error_lines(stderr)[0]
+    train(out, "train.steps=2", "train.checkpoint_every=2")  # nothing was trained: any config may start it
+    assert "path: null" in (out / "config.yaml").read_text()
 
 
 FULL_DISK = """
@@ -128,8 +139,10 @@ class ToyConfig(DiffusionTaskConfig):
 
 @TASKS.register("two-optimizers", schema=ToyConfig)
 class TwoOptimizers(DiffusionTask):
-    # model loss = diffusion loss * c, critic loss = (c - 1)^2 + sum(model parameters); with c = 1 and each loss
-    # reaching only its own optimizer's parameters, c never moves and the model trains exactly as the plain task
+    # Each loss has the value it would have alone, plus a term whose value is 0 and whose gradient reaches the
+    # other optimizer's parameters (x - x.detach() is 0 with gradient 1): 100 into the critic from the model loss,
+    # 100 into every model parameter from the critic loss. Stepped correctly, the model trains exactly as the
+    # plain task and the critic c runs AdamW on (c - 3)^2 alone.
     def build(self, data):
         modules = super().build(data)
         modules["critic"] = torch.nn.Linear(1, 1, bias=False)
@@ -143,8 +156,19 @@ class TwoOptimizers(DiffusionTask):
         c = modules["critic"].weight.sum()
         total = sum(p.sum() for p in modules["model"].parameters() if p.requires_grad)
         out = super().losses(modules, batch, draws, step)
-        return {"model": out["model"] * c, "critic": (c - 1) ** 2 + total, "log/critic": c.detach()}
+        return {"model": out["model"] + (c - c.detach()) * 100.0,
+                "critic": (c - 3.0) ** 2 + (total - total.detach()) * 100.0, "log/critic": c.detach()}
 """
+
+
+def adamw_scalar(x, grad, steps, lr, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW (weight decay 0) on one scalar, written out: Kingma & Ba's update with bias correction."""
+    m = v = 0.0
+    for t in range(1, steps + 1):
+        g = grad(x)
+        m, v = betas[0] * m + (1 - betas[0]) * g, betas[1] * v + (1 - betas[1]) * g * g
+        x -= lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)) ** 0.5 + eps)
+    return x
 
 
 def test_two_optimizers_step_their_own_modules_and_resume_exactly(tmp_path):
@@ -155,9 +179,18 @@ def test_two_optimizers_step_their_own_modules_and_resume_exactly(tmp_path):
     train(resumed, "train.steps=4", "train.checkpoint_every=2", "task.name=two-optimizers", prelude=TWO_OPTIMIZERS)
     ckpt = two / "checkpoints" / "step_0000004"
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"}
-    assert load_file(str(ckpt / "model_1.safetensors"))["weight"].item() == 1.0  # no model-loss gradient reached c
+    # the critic followed its own loss only (a leak of the model loss's +100 would send it the other way)
+    c = load_file(str(ckpt / "model_1.safetensors"))["weight"].item()
+    def clipped(g, max_norm=1.0):  # train.grad_clip = 1: torch's clip_grad_norm_ coefficient
+        return g * min(1.0, max_norm / (abs(g) + 1e-6))
+
+    expected = adamw_scalar(1.0, lambda x: clipped(2 * (x - 3.0)), steps=4, lr=1e-3 * 10.0)
+    assert abs(c - expected) < 1e-6 and c > 1.03, (c, expected)
+    # and no critic-loss gradient reached the model: it equals the plain task's
     a = load_file(str(ckpt / "model.safetensors"))
     b = load_file(str(plain / "checkpoints" / "step_0000004" / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # no critic-loss gradient reached the model
-    c = load_file(str(resumed / "checkpoints" / "step_0000004" / "model.safetensors"))
-    assert all(torch.equal(a[k], c[k]) for k in a)  # both optimizers' states restored exactly
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # both optimizers' states are restored exactly on resume
+    for name in ("model.safetensors", "model_1.safetensors"):
+        x, y = load_file(str(ckpt / name)), load_file(str(resumed / "checkpoints" / "step_0000004" / name))
+        assert all(torch.equal(x[k], y[k]) for k in x), name

@@ -48,8 +48,9 @@ class Task:
     `cfg` is the whole RunConfig; `cfg.task` is an instance of the registered schema.
     """
 
-    ema_modules: Tuple[str, ...] = ("model",)  # kept as EMA copies, checkpointed, previewed and exported
-    export_module: str = "model"  # the EMA module `genvis sample` loads from a checkpoint
+    # kept as EMA copies (checkpointed as ema/<name>/, previewed and exported); `genvis sample CKPT` loads
+    # ema/model/ (or the only EMA folder), so a generator task names its generator "model"
+    ema_modules: Tuple[str, ...] = ("model",)
 
     def __init__(self, cfg):
         self.cfg = cfg
