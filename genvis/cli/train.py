@@ -9,7 +9,8 @@ def add_parser(subparsers) -> None:
         description="Train from CONFIG, optionally with dotted overrides, e.g. `genvis train configs/digits/dit.yaml "
         "train.steps=200 model.size=tiny`. Keys are strictly typed: a typo or a wrong type is one error line naming "
         "the key. Rerunning on an existing output_dir resumes from its last checkpoint; the rerun may change only "
-        "train.steps (upward), the log/checkpoint/sample cadences and sample.* (recorded in config_changes.jsonl).",
+        "train.steps (upward), train.lr/warmup_steps/grad_clip, the log/checkpoint/sample cadences and sample.* "
+        "(recorded in config_changes.jsonl).",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
