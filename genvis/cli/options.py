@@ -30,7 +30,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default after its help, except None / False (nothing to show) or where the
     help already says it."""
 
