@@ -22,15 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from genvis.data import DataConfig
 from genvis.errors import ConfigError, OptionError
 from genvis.precision import PRECISIONS
-from genvis.registry import FAMILIES, MODELS, TASKS, Registry
-
-
-@dataclass
-class TokenizerConfig:
-    """What the generator's data passes through: a tokenizer folder, or null for pixels."""
-
-    path: Optional[str] = None  # a genvis tokenizer folder or a diffusers AutoencoderKL folder
-    embed: bool = True  # copy it into the exported model/tokenizer/ (else record its path)
+from genvis.registry import FAMILIES, MODELS, TASKS, TOKENIZERS, Registry
 
 
 @dataclass
@@ -72,11 +64,11 @@ class RunConfig:
     seed: int = 0
     output_dir: str = MISSING
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: Any = None  # typed by the schema of MODELS[model.arch]
+    tokenizer: Any = None  # typed by TOKENIZERS[tokenizer.arch] (the base TokenizerConfig when arch is null)
+    model: Any = None  # typed by the schema of MODELS[model.arch]; null for tasks that train no model (a tokenizer)
     task: Any = None  # typed by the schema of TASKS[task.name]
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: Any = None  # typed by the sampling schema of the model's family (FAMILIES)
+    sample: Any = None  # typed by the sampling schema of the model's family (FAMILIES); null without a model
 
 
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -134,16 +126,27 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     parsed = _parse_overrides(overrides)
     raw = OmegaConf.merge(file_cfg, *[dotlist for _, dotlist in parsed]) if parsed else file_cfg
 
-    arch = _pick(raw, "model.arch", "dit", MODELS)
-    model_entry = MODELS.entry(arch)
-    task = _pick(raw, "task.name", str(model_entry.meta.get("task", "diffusion")), TASKS)
-    family = str(model_entry.meta["family"])
+    task = OmegaConf.select(raw, "task.name", default=None)
+    if task is not None and task in TASKS and not TASKS.entry(task).meta.get("model", True):
+        arch = None  # the task trains no generator (a tokenizer): no model or sample section
+        for section in ("model", "sample"):
+            if section in raw:
+                raise ConfigError(f"key '{section}': task '{task}' trains no generator; remove the section")
+    else:
+        arch = _pick(raw, "model.arch", "dit", MODELS)
+        task = _pick(raw, "task.name", str(MODELS.entry(arch).meta.get("task", "diffusion")), TASKS)
+    tokenizer_arch = OmegaConf.select(raw, "tokenizer.arch", default=None)
+    if tokenizer_arch is not None:
+        _pick(raw, "tokenizer.arch", None, TOKENIZERS)
 
     cfg = OmegaConf.structured(RunConfig)
-    cfg.model = OmegaConf.structured(_schema(MODELS, arch, "model.arch"))
+    cfg.tokenizer = OmegaConf.structured(_schema(TOKENIZERS, tokenizer_arch or "pixels", "tokenizer.arch"))
     cfg.task = OmegaConf.structured(_schema(TASKS, task, "task.name"))
-    cfg.sample = OmegaConf.structured(_schema(FAMILIES, family, "model.arch"))
-    cfg.model.arch, cfg.task.name = arch, task
+    cfg.task.name = task
+    if arch is not None:
+        cfg.model = OmegaConf.structured(_schema(MODELS, arch, "model.arch"))
+        cfg.sample = OmegaConf.structured(_schema(FAMILIES, str(MODELS.entry(arch).meta["family"]), "model.arch"))
+        cfg.model.arch = arch
     try:
         cfg = OmegaConf.merge(cfg, file_cfg)
     except OmegaConfBaseException as err:
@@ -155,15 +158,16 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
             raise _wrap(err, f"override {item!r}") from None
     if OmegaConf.is_missing(cfg, "output_dir"):
         raise ConfigError("key 'output_dir': missing; set it in the YAML or as output_dir=PATH")
-    for name in ("data", "tokenizer", "model", "task", "train", "sample"):
+    for name in ("data", "tokenizer", "model", "task", "train", "sample") if arch is not None else ("data", "tokenizer", "task", "train"):
         if cfg[name] is None:  # `model:` with every key commented out, or `task: null`
             raise ConfigError(f"key '{name}': null; expected a mapping of its keys (or leave the section out for the defaults)")
     try:
         run = OmegaConf.to_object(cfg)
     except OptionError as err:  # the sampling dataclass checks itself when it is made
         raise ConfigError(f"key 'sample.{err.key}': {err.message}") from None
-    for section in (run.data, run.model, run.task, run.train):
-        section.validate()
+    for section in (run.data, run.tokenizer, run.model, run.task, run.train):
+        if section is not None:
+            section.validate()
     return run
 
 

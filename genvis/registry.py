@@ -83,7 +83,7 @@ _SAMPLER_MODULES = {
 
 MODELS = Registry("model", {"dit": "genvis.models.dit"})
 TOKENIZERS = Registry("tokenizer", {"pixels": "genvis.tokenizers.base", "kl": "genvis.tokenizers.kl"})
-TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion"})
+TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion", "tokenizer": "genvis.training.tasks.tokenizer"})
 FAMILIES = Registry("model family", {"diffusion": "genvis.samplers.diffusion"})
 SAMPLERS = Registry("sampler", {name: f"genvis.samplers.{module}" for name, module in _SAMPLER_MODULES.items()})
-DATASETS = Registry("dataset", {"digits": "genvis.data", "folder": "genvis.data"})
+DATASETS = Registry("dataset", {"digits": "genvis.data", "folder": "genvis.data", "latents": "genvis.data"})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "genvis"
 LAYERS = {
-    "errors": 0, "registry": 0, "io": 0, "precision": 0,
+    "errors": 0, "registry": 0, "io": 0, "precision": 0, "shards": 0,
     "diffusion": 1, "data": 1,
     "models": 2, "tokenizers": 2, "samplers": 2,
     "generate": 3, "config": 3,

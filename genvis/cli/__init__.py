@@ -17,12 +17,12 @@ EXIT_BAD_INPUT = 2
 
 def build_parser() -> ArgumentParser:
     from genvis.cli import eval as eval_cmd
-    from genvis.cli import importer, ref, sample, samplers, train
+    from genvis.cli import importer, ref, sample, samplers, tokenizer, train
 
     parser = ArgumentParser(prog="genvis", description="Generative image modeling: train, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"genvis {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, samplers, eval_cmd, ref, importer):
+    for module in (train, sample, samplers, eval_cmd, ref, tokenizer, importer):
         module.add_parser(subparsers)
     return parser
 

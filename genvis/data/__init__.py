@@ -10,10 +10,11 @@ from typing import Optional
 
 from genvis.data.digits import DigitsDataset, load_digits_arrays
 from genvis.data.folder import ImageFolderDataset
+from genvis.data.latents import LatentsDataset
 from genvis.errors import ConfigError, DataError
 from genvis.registry import DATASETS
 
-__all__ = ["DataConfig", "build_dataset", "DigitsDataset", "ImageFolderDataset", "load_digits_arrays"]
+__all__ = ["DataConfig", "build_dataset", "DigitsDataset", "ImageFolderDataset", "LatentsDataset", "load_digits_arrays"]
 
 
 @dataclass
@@ -51,6 +52,14 @@ def _build_folder(cfg: DataConfig, split: str = "train") -> ImageFolderDataset:
     if not cfg.path:
         raise DataError("data.path: the folder dataset needs the image-folder root")
     return ImageFolderDataset(cfg.path, resolution=cfg.resolution, channels=cfg.channels)
+
+
+@DATASETS.register("latents")
+def _build_latents(cfg: DataConfig, split: str = "train") -> LatentsDataset:
+    # Latents stored by extract_latents: the folder fixes the split, resolution and channels it was made from.
+    if not cfg.path:
+        raise DataError("data.path: the latents dataset needs the folder made by extract_latents")
+    return LatentsDataset(cfg.path)
 
 
 def build_dataset(cfg: DataConfig, split: str = "train"):

@@ -58,6 +58,7 @@ class DigitsDataset(Dataset):
         images: float32 [N, C, R, R] in [-1, 1], precomputed.
         labels: int64 [N].
         num_classes: 10.
+        item_shape: (C, R, R) of one image; encoded_by: None (pixels; a LatentsDataset names its tokenizer).
 
     `dataset[i]` or `dataset[(i, flip)]` returns `(image [C, R, R] float32, label int)`; flip=True
     mirrors the image horizontally. The caller draws `flip` so that its own seeded RNG, not a
@@ -65,6 +66,7 @@ class DigitsDataset(Dataset):
     """
 
     num_classes = 10
+    encoded_by = None
 
     def __init__(self, split: str = "train", resolution: int = 16, channels: int = 1):
         if channels not in (1, 3):
@@ -81,6 +83,7 @@ class DigitsDataset(Dataset):
         self.split = split
         self.resolution = resolution
         self.channels = channels
+        self.item_shape = (channels, resolution, resolution)
         self.images = x.contiguous()
         self.labels = torch.from_numpy(labels)
 

@@ -31,11 +31,14 @@ class ImageFolderDataset(Dataset):
     Attributes:
         classes: sorted class names; num_classes: len(classes).
         samples: list of (path, label), in dataset order.
+        item_shape: (C, R, R) of one image; encoded_by: None (pixels; a LatentsDataset names its tokenizer).
 
     `dataset[i]` or `dataset[(i, flip)]` returns `(image [C, R, R] float32 in [-1, 1], label int)`;
     flip=True mirrors horizontally (the caller's RNG decides, for reproducible training).
     Images are decoded lazily; an unreadable file raises DataError naming its path.
     """
+
+    encoded_by = None
 
     def __init__(self, root: Union[str, Path], resolution: int, channels: int = 3):
         if channels not in (1, 3):
@@ -56,6 +59,7 @@ class ImageFolderDataset(Dataset):
         self.num_classes = len(self.classes)
         self.resolution = resolution
         self.channels = channels
+        self.item_shape = (channels, resolution, resolution)
 
     def __len__(self) -> int:
         return len(self.samples)

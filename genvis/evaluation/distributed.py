@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from genvis.errors import GenvisError
+from genvis.shards import record_settings, shard_ranges
 
 LABEL_MODES = ("balanced", "uniform")
 
@@ -41,32 +42,12 @@ def label_list(num: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
     raise GenvisError(f"--labels {mode!r}: expected one of: {', '.join(LABEL_MODES)}")
 
 
-def shard_ranges(num: int, shard_size: int) -> List[Tuple[int, int, int]]:
-    """(k, start, stop) for every shard of consecutive sample indices."""
-    return [(k, start, min(start + shard_size, num)) for k, start in enumerate(range(0, num, shard_size))]
-
-
 def shard_path(out: Path, k: int) -> Path:
     return out / "shards" / f"shard_{k:06d}.npz"
 
 
 def features_path(out: Path, k: int, features: str) -> Path:
     return out / "shards" / f"features_{features}_{k:06d}.npz"
-
-
-def check_settings(out: Path, settings: Dict, is_main: bool) -> None:
-    """Record the run's settings, or check that an existing run directory was made with the same ones."""
-    record = out / "run.json"
-    if record.is_file():
-        old = json.loads(record.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise GenvisError(f"{out}: made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in diff)}); "
-                              "use a new --out or the same settings")
-    elif is_main:
-        from genvis.io import write_text_atomic
-
-        write_text_atomic(record, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) -> List[Tuple[int, int, int]]:
@@ -228,11 +209,12 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
     settings = {"model": str(Path(model_path).resolve()), "num": num, "labels": label_mode, "seed": seed,
                 "shard_size": shard_size, "tokenizer": tokenizer, "precision": precision, **sampling_record}
     settings = json.loads(json.dumps(settings, default=str))
+    hint = "use a new --out or the same settings"
     if state.is_main_process:
-        check_settings(out, settings, True)
+        record_settings(out / "run.json", settings, True, hint)
     state.wait_for_everyone()
     if not state.is_main_process:
-        check_settings(out, settings, False)
+        record_settings(out / "run.json", settings, False, hint)
     extractor = None
     if ref is not None:  # built before sampling, so a bad metric, feature set or weights file fails first
         from genvis.evaluation.features import build_extractor

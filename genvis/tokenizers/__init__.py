@@ -36,11 +36,13 @@ def _load_folder(folder: Path, device) -> Tokenizer:
         known = ", ".join(sorted(str(TOKENIZERS.entry(n).meta["class_name"]) for n in TOKENIZERS.names()))
         raise GenvisError(f"{folder / 'config.json'}: _class_name {name!r} is not a tokenizer genvis loads; expected one of: {known}")
     try:
-        return entry.factory.from_pretrained(folder, device=device)
+        tokenizer = entry.factory.from_pretrained(folder, device=device)
     except GenvisError:
         raise
     except Exception as err:  # diffusers' own errors: a missing or truncated weights file, a bad config
         raise GenvisError(f"{folder}: cannot load the tokenizer ({first_line(err)})") from None
+    tokenizer.source = str(folder.resolve())  # the folder it came from, for what records it (latents, generators)
+    return tokenizer
 
 
 def load_tokenizer(path, device="cpu") -> Tokenizer:
@@ -50,11 +52,16 @@ def load_tokenizer(path, device="cpu") -> Tokenizer:
     if run is not None:
         if (p / "model" / "config.json").is_file():
             return load_tokenizer(p / "model", device)
-        # a checkpoint, or a run still training: the run config names the tokenizer
+        if (p / "ema" / "tokenizer" / "config.json").is_file():  # a checkpoint of a tokenizer training run
+            return _load_folder(p / "ema" / "tokenizer", device)
         from omegaconf import OmegaConf
 
-        source = OmegaConf.load(run / "config.yaml").get("tokenizer", {}).get("path")
-        return load_tokenizer(source, device) if source else PixelTokenizer()
+        section = OmegaConf.load(run / "config.yaml").get("tokenizer") or {}
+        if section.get("arch"):  # a tokenizer training run that has no exported tokenizer here
+            raise GenvisError(f"{p}: this tokenizer run has no exported model/ yet; give one of its checkpoints "
+                              "(checkpoints/step_*) or train it to the end")
+        # a generator's checkpoint, or a generator run still training: the run config names the tokenizer
+        return load_tokenizer(section["path"], device) if section.get("path") else PixelTokenizer()
     if not (p / "config.json").is_file():
         raise GenvisError(f"{p}: not a tokenizer folder, model folder or run directory (no config.json)")
     if (p / RECORD_DIR / "config.json").is_file():

@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from genvis.errors import ConfigError
 from genvis.registry import TOKENIZERS
+
+
+@dataclass
+class TokenizerConfig:
+    """The run config's `tokenizer:` section. A generator run names a trained tokenizer with `path` (or
+    nothing, for pixels); a tokenizer training run names an architecture with `arch`, whose registry
+    entry's schema (a subclass of this one) adds its own keys."""
+
+    arch: Optional[str] = None  # an architecture to build and train (TOKENIZERS: kl, ...); null = load `path`
+    path: Optional[str] = None  # a genvis tokenizer folder or a diffusers AutoencoderKL folder; null = pixels
+    embed: bool = True  # a generator run copies it into the exported model/tokenizer/ (else records its path)
+
+    def validate(self) -> None:
+        if self.arch is not None and self.path is not None:
+            raise ConfigError("key 'tokenizer.path': give tokenizer.arch (an architecture to train) or tokenizer.path "
+                              "(a trained tokenizer to load), not both")
 
 
 class Tokenizer(nn.Module):
@@ -49,8 +67,13 @@ class Tokenizer(nn.Module):
     def from_pretrained(cls, folder, device="cpu") -> "Tokenizer":
         raise NotImplementedError
 
+    @classmethod
+    def from_config(cls, section: "TokenizerConfig", image_shape: Tuple[int, int, int]) -> "Tokenizer":
+        """A new tokenizer of the architecture `section` describes, for images of `image_shape` (C, H, W)."""
+        raise NotImplementedError
 
-@TOKENIZERS.register("pixels", class_name="PixelTokenizer")
+
+@TOKENIZERS.register("pixels", schema=TokenizerConfig, class_name="PixelTokenizer")
 class PixelTokenizer(Tokenizer):
     """Identity: lets any generator run in pixel space. Its folder holds only config.json."""
 
@@ -70,4 +93,8 @@ class PixelTokenizer(Tokenizer):
 
     @classmethod
     def from_pretrained(cls, folder=None, device="cpu") -> "PixelTokenizer":
+        return cls()
+
+    @classmethod
+    def from_config(cls, section=None, image_shape=None) -> "PixelTokenizer":
         return cls()

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 
 from genvis.errors import GenvisError, first_line
 from genvis.io import finalize_dir, write_json_atomic, write_text_atomic
+from genvis.shards import flatten
 
 STEP_RE = re.compile(r"^step_(\d{7})$")
 # Keys a rerun may change: they do not change what has been trained so far. The step size (lr, warm-up,
@@ -78,17 +79,6 @@ def clean_partial(output_dir) -> None:
 
 
 # --------------------------------------------------------------------------- reruns
-
-
-def flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
-    """{"train": {"steps": 3}} -> {"train.steps": 3} (lists stay values)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_changes(stored: dict, new: dict) -> Tuple[Dict[str, tuple], Dict[str, tuple]]:

@@ -163,8 +163,10 @@ def train(cfg: RunConfig) -> Path:
     device = accelerator.device
 
     task = TASKS.get(cfg.task.name)(cfg)
+    if world > 1:
+        task.reduce_mean = lambda tensor: accelerator.reduce(tensor, reduction="mean")
     dataset = build_dataset(cfg.data, split="train")
-    info = DataInfo(num_classes=dataset.num_classes, image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution))
+    info = DataInfo(num_classes=dataset.num_classes, image_shape=tuple(dataset.item_shape), encoded_by=dataset.encoded_by)
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     modules = task.build(info)
     specs = task.optimizers()
@@ -184,8 +186,13 @@ def train(cfg: RunConfig) -> Path:
         ema.model.to(device)
 
     if ckpt is not None:
-        load_ema_folders(ckpt, emas)
-        accelerator.load_state(str(ckpt))
+        try:
+            load_ema_folders(ckpt, emas)
+            accelerator.load_state(str(ckpt))
+        except RuntimeError as err:  # e.g. latents of another shape under the same data.path: a size mismatch
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise TrainingError(f"{ckpt} does not fit the modules this config and data build "
+                                f"({lines[-1] if lines else type(err).__name__}); use a new output_dir") from None
         accelerator.print(f"resuming from {ckpt} (step {start_step})")
 
     accelerator.init_trackers("genvis", config=_flat_hparams(cfg))
@@ -212,7 +219,7 @@ def train(cfg: RunConfig) -> Path:
             for group in optimizers[spec.name].param_groups:
                 group["lr"] = lr_at(cfg, step) * spec.lr_scale
         sums = {spec.name: torch.zeros((), device=device) for spec in specs}
-        logs: Dict[str, float] = {}
+        extra: Dict[str, torch.Tensor] = {}  # the task's "log/..." scalars, averaged over micro-batches
         for a in range(t.grad_accum):
             mb = slice(a * micro, (a + 1) * micro)
             with contextlib.ExitStack() as stack:
@@ -230,7 +237,7 @@ def train(cfg: RunConfig) -> Path:
                     sums[spec.name] += loss.detach() / t.grad_accum
             for key, value in result.items():
                 if key.startswith("log/"):
-                    logs[f"train/{key[4:]}"] = logs.get(f"train/{key[4:]}", 0.0) + float(value) / t.grad_accum
+                    extra[key[4:]] = extra.get(key[4:], 0.0) + value.detach().float() / t.grad_accum
         means = {name: accelerator.reduce(total, reduction="mean") for name, total in sums.items()}
         for name, value in means.items():
             check_finite(value, "loss" if len(specs) == 1 else f"loss '{name}'", step, out)
@@ -249,7 +256,10 @@ def train(cfg: RunConfig) -> Path:
             progress.update(1)
             progress.set_postfix({f"loss_{n}" if len(specs) > 1 else "loss": f"{v.item():.4f}" for n, v in means.items()})
         if t.log_every and done % t.log_every == 0:
-            logs["train/lr"] = lr_at(cfg, step)
+            logs = {"train/lr": lr_at(cfg, step)}
+            if extra:  # the global batch's values, as for the losses (every process takes part)
+                reduced = accelerator.reduce(torch.stack(list(extra.values())), reduction="mean")
+                logs.update({f"train/{key}": float(v) for key, v in zip(extra, reduced)})
             for name, value in means.items():
                 logs[f"train/loss_{name}"] = value.item()
                 if norms[name] is not None:

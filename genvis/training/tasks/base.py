@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,8 @@ class DataInfo:
     """What a task may know about the data before building its modules."""
 
     num_classes: int
-    image_shape: Tuple[int, int, int]  # C, H, W of the images the loader yields (in [-1, 1])
+    image_shape: Tuple[int, int, int]  # C, H, W of what the loader yields: images in [-1, 1], or latents
+    encoded_by: Optional[str] = None  # the tokenizer folder that made the latents, when the data are latents
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @staticmethod
+    def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over all processes (the loop replaces this identity when there are several);
+        for statistics a task needs from the global batch (e.g. an adaptive loss weight)."""
+        return tensor
 
     def build(self, data: DataInfo) -> Dict[str, nn.Module]:
         """Every module of the task by name, trainable and frozen (the global RNG is seeded before)."""

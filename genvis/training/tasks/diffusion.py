@@ -64,8 +64,20 @@ class DiffusionTask(Task):
         if entry.meta.get("family") != "diffusion":
             raise ConfigError(f"key 'task.name': diffusion training needs a diffusion-family model; "
                               f"model.arch {cfg.model.arch!r} is {entry.meta.get('family')!r}")
-        self.tokenizer = build_tokenizer(cfg.tokenizer.path)
-        self.sample_shape = tuple(self.tokenizer.latent_shape(data.image_shape))
+        if cfg.tokenizer.arch is not None:
+            raise ConfigError("key 'tokenizer.arch': a generator trains in a trained tokenizer's space: set tokenizer.path "
+                              "(tokenizer.arch builds a new tokenizer, for task.name=tokenizer)")
+        if data.encoded_by is not None:  # pre-extracted latents: the tokenizer that made them, no encoding here
+            if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).resolve() != Path(data.encoded_by).resolve():
+                raise ConfigError(f"key 'tokenizer.path': the latents in {cfg.data.path} were made by {data.encoded_by}, "
+                                  f"not {cfg.tokenizer.path}; leave tokenizer.path unset for latents")
+            self.tokenizer_source, self.encode = data.encoded_by, False
+            self.tokenizer = build_tokenizer(self.tokenizer_source)
+            self.sample_shape = tuple(data.image_shape)
+        else:
+            self.tokenizer_source, self.encode = cfg.tokenizer.path, True
+            self.tokenizer = build_tokenizer(self.tokenizer_source)
+            self.sample_shape = tuple(self.tokenizer.latent_shape(data.image_shape))
         model = entry.factory(
             cfg.model, sample_shape=self.sample_shape, num_classes=data.num_classes,
             learn_sigma=cfg.model.learn_sigma and t.objective == "eps", prediction_type=PREDICTION[t.objective],
@@ -90,7 +102,7 @@ class DiffusionTask(Task):
 
     def losses(self, modules, batch, draws, step):
         images, labels = batch
-        x0 = modules["tokenizer"].encode(images)
+        x0 = modules["tokenizer"].encode(images) if self.encode else images
         labels = torch.where(draws["drop"].to(labels.device), torch.full_like(labels, self.null_label), labels)
         loss = self.objective.loss(modules["model"], x0, draws["times"], draws["noise"].to(x0.device), y=labels)
         return {"model": loss.mean()}
@@ -106,7 +118,7 @@ class DiffusionTask(Task):
 
     def export(self, modules, folder: Path) -> None:
         modules["model"].save_pretrained(str(folder), safe_serialization=True)
-        record_tokenizer(folder, self.tokenizer, self.cfg.tokenizer.path, self.cfg.tokenizer.embed)
+        record_tokenizer(folder, self.tokenizer, self.tokenizer_source, self.cfg.tokenizer.embed)
 
     def describe(self) -> str:
         return f"{self.arch} ({self.cfg.task.objective} objective, {self.cfg.task.schedule} schedule)"
