@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genvis.errors import GenvisError, first_line
+from genvis.errors import GenvisError
+from genvis.io import load_checkpoint_file
 
 PathLike = Union[str, Path]
 
@@ -240,19 +241,11 @@ def _unit_normalize(feat_BCHW: torch.Tensor, eps: float = 1e-10) -> torch.Tensor
 
 
 def _read_state_dict(path: Path, what: str, expected: str) -> Dict[str, torch.Tensor]:
-    """A tensors-only state dict from a .safetensors file or a torch.save file (weights_only), or a one-line
-    GenvisError naming the file and `expected`."""
+    """A tensors-only state dict (genvis.io.load_checkpoint_file: safetensors, or torch.load with
+    weights_only=True), or a one-line GenvisError naming the file and `expected`."""
     if not path.is_file():
         raise GenvisError(f"{path}: {what} not found; expected {expected}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated files, pickles holding more than tensors, wrong formats
-        raise GenvisError(f"{path}: cannot read the {what} ({first_line(err)}); expected {expected}") from None
+    state = load_checkpoint_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

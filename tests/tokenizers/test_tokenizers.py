@@ -116,9 +116,14 @@ def test_recorded_tokenizers_embedded_or_by_path(tmp_path, random_dit, images):
         load_tokenizer(tmp_path / "by_path")
     with pytest.raises(GenvisError, match="no config.json"):
         load_tokenizer(tmp_path / "nothing")
-    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     with pytest.raises(GenvisError, match="cannot load the tokenizer"):
         load_tokenizer(vae_dir)
+    weights.unlink()  # no weights at all
+    with pytest.raises(GenvisError, match="cannot load the tokenizer") as err:
+        load_tokenizer(vae_dir)
+    assert "\n" not in str(err.value) and str(vae_dir) in str(err.value)
 
 
 def test_latent_training_records_its_tokenizer_and_samples_through_it(tmp_path):
