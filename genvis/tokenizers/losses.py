@@ -369,6 +369,7 @@ class LPIPS(_FrozenPerceptual):
     def __init__(self, weights: PathLike, heads: Optional[PathLike] = None):
         super().__init__()
         self.weights_path = Path(weights)
+        vgg = _read_state_dict(self.weights_path, "VGG16 weights", LPIPS_VGG_EXPECTED)  # the file the user named first
         if heads is None:
             heads = lpips_package_heads()
             if heads is None:
@@ -390,7 +391,6 @@ class LPIPS(_FrozenPerceptual):
             self.features = nn.Sequential(*layers)
             self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _LPIPS_CHANNELS)
 
-        vgg = _read_state_dict(self.weights_path, "VGG16 weights", LPIPS_VGG_EXPECTED)
         self.features.load_state_dict(
             {key: _take(vgg, f"features.{key}", value.shape, self.weights_path, LPIPS_VGG_EXPECTED)
              for key, value in self.features.state_dict().items()}, assign=True)
