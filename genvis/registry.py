@@ -81,9 +81,10 @@ _SAMPLER_MODULES = {
     "dpmpp-2m-sde": "dpm_solver", "dpm-singlestep": "dpm_solver", "unipc": "unipc", "euler-maruyama": "sde", "rk45": "rk45",
 }
 
-MODELS = Registry("model", {"dit": "genvis.models.dit"})
+MODELS = Registry("model", {"dit": "genvis.models.dit", "linear_dit": "genvis.models.linear_dit"})
 TOKENIZERS = Registry("tokenizer", {"pixels": "genvis.tokenizers.base", "kl": "genvis.tokenizers.kl"})
-TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion", "tokenizer": "genvis.training.tasks.tokenizer"})
+TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion", "distill": "genvis.training.tasks.distill",
+                         "tokenizer": "genvis.training.tasks.tokenizer"})
 FAMILIES = Registry("model family", {"diffusion": "genvis.samplers.diffusion"})
 SAMPLERS = Registry("sampler", {name: f"genvis.samplers.{module}" for name, module in _SAMPLER_MODULES.items()})
 DATASETS = Registry("dataset", {"digits": "genvis.data", "folder": "genvis.data", "latents": "genvis.data"})

@@ -36,3 +36,21 @@ def save_model():
         return path
 
     return save
+
+
+@pytest.fixture(scope="session")
+def scalars():
+    """read(run, tag) -> the values a run logged to TensorBoard under `tag`, in step order."""
+
+    def read(run, tag: str):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        values = []
+        for events in sorted(run.glob("logs/**/events.out.tfevents*")):
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            if tag in acc.Tags()["scalars"]:
+                values += [e.value for e in acc.Scalars(tag)]
+        return values
+
+    return read

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Tuple
+
+import torch
 
 from genvis.errors import GenvisError, first_line
 from genvis.io import find_run_dir
@@ -82,4 +86,42 @@ def load_model(path, device="cpu"):
         raise GenvisError(f"device {device!r}: {first_line(err)}") from None
 
 
-__all__ = ["DiT", "load_model", "model_class", "read_model_config", "resolve_model_dir"]
+@dataclass(frozen=True)
+class Inherited:
+    """What `inherit_weights` did: tensor names copied, new (kept at their initialisation) and unused."""
+
+    source: str
+    copied: Tuple[str, ...]
+    new: Tuple[str, ...]
+    unused: Tuple[str, ...]
+
+    def summary(self) -> str:
+        def names(keys):
+            return ", ".join(keys) if keys else "none"
+
+        return (f"init_from {self.source}: copied {len(self.copied)} tensors; new ({len(self.new)}): {names(self.new)}; "
+                f"not used from the source ({len(self.unused)}): {names(self.unused)}")
+
+
+def inherit_weights(model, source) -> Inherited:
+    """Copy into `model` every tensor of the model at `source` (a genvis model folder, run or checkpoint, e.g.
+    an imported official DiT) that `model` has under the same name: the state-dict load, strict where shared.
+
+    A shared name with another shape is an error naming the tensor; tensors only `model` has stay as
+    initialised ("new"), tensors only the source has are listed as unused (e.g. DiT's mlp under a Mix-FFN)."""
+    donor = load_model(source).state_dict()
+    own = model.state_dict()
+    for key in own.keys() & donor.keys():
+        if own[key].shape != donor[key].shape:
+            raise GenvisError(f"{source}: tensor {key} has shape {tuple(donor[key].shape)}, the model being built has "
+                              f"{tuple(own[key].shape)}; inherit from a model of the same width, patch size, channels "
+                              "and classes")
+    copied = [key for key in own if key in donor]
+    with torch.no_grad():
+        for key in copied:
+            own[key].copy_(donor[key])
+    return Inherited(str(source), tuple(copied), tuple(k for k in own if k not in donor),
+                     tuple(k for k in donor if k not in own))
+
+
+__all__ = ["DiT", "Inherited", "inherit_weights", "load_model", "model_class", "read_model_config", "resolve_model_dir"]

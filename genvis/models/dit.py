@@ -37,12 +37,13 @@ from genvis.registry import MODELS
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 attn: Optional[nn.Module] = None, mlp: Optional[nn.Module] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = attn if attn is not None else Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = mlp if mlp is not None else Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,12 @@ class DiT(ModelMixin, ConfigMixin):
         flow_shift: float = 1.0,
     ):
         super().__init__()
+        self._build(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+                    num_classes, learn_sigma)
+
+    def _build(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+               num_classes, learn_sigma, pos_embed: bool = True) -> None:
+        """The modules (shared with the DiT variants, which replace `make_block`)."""
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -134,10 +141,16 @@ class DiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding, kept as a frozen parameter because official checkpoints store it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
+        else:
+            self.register_parameter("pos_embed", None)
+        self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def make_block(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+        return DiTBlock(hidden_size, num_heads, mlp_ratio)
 
     def initialize_weights(self) -> None:
         """Official DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output."""
@@ -149,8 +162,9 @@ class DiT(ModelMixin, ConfigMixin):
                     nn.init.constant_(module.bias, 0)
 
         self.apply(_basic_init)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        if self.pos_embed is not None:
+            pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
+            self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
         # Patch embedding initialised like nn.Linear (xavier on the flattened kernel).
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
@@ -184,7 +198,9 @@ class DiT(ModelMixin, ConfigMixin):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Tokens h = patch embedding + position embedding [B, N, D] and conditioning c = t_emb + y_emb [B, D]."""
-        h = self.x_embedder(x) + self.pos_embed
+        h = self.x_embedder(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         return h, c
 
@@ -252,6 +268,7 @@ class DiTConfig:
     num_heads: Optional[int] = None
     class_dropout: float = 0.1  # label dropout in training; > 0 adds the null class for guidance
     learn_sigma: bool = True  # only for eps prediction on a discrete VP schedule (DiT's hybrid loss)
+    init_from: Optional[str] = None  # a trained model (run, checkpoint or model folder) whose shared tensors start the run
 
     def validate(self) -> None:
         if self.size not in DIT_SIZES:

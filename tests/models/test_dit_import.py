@@ -173,3 +173,22 @@ def test_import_checkpoint_without_blocks_fails_in_one_line(tmp_path, capsys):
 
 def test_official_layout_size_is_dit_s2():
     assert sum(math.prod(s) for s in official_shapes(**S2).values()) == 32_963_360
+
+
+def test_linear_dit_inherits_an_imported_official_dit(tmp_path, s2_state, capsys):
+    """The LiT path from an official checkpoint: import, then every official tensor lands in the linear
+    DiT-S/2 under the same name (qkv keeps its shape with 2 heads), and only LiT's conv on V is new."""
+    from genvis.models import inherit_weights
+    from genvis.models.linear_dit import LinearDiT, LinearDiTConfig
+
+    ckpt = tmp_path / "DiT-S-2.pt"
+    torch.save(s2_state, ckpt)
+    assert import_dit(ckpt, tmp_path / "dit") == 0
+    capsys.readouterr()
+    section = LinearDiTConfig(size="S", patch_size=2, recipe="lit")
+    lit = LinearDiT(**section.resolved(), patch_size=2, input_size=32, in_channels=4, num_classes=1000)
+    report = inherit_weights(lit, tmp_path / "dit")
+    assert report.unused == () and set(report.copied) == set(s2_state)
+    assert set(report.new) == {f"blocks.{i}.attn.v_conv.{p}" for i in range(12) for p in ("weight", "bias")}
+    got = lit.state_dict()
+    assert all(torch.equal(got[key], value) for key, value in s2_state.items())

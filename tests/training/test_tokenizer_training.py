@@ -33,18 +33,6 @@ def train(config, out, *extra):
     return stdout
 
 
-def scalars(run: Path, tag: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for events in sorted(run.glob("logs/**/events.out.tfevents*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [e.value for e in acc.Scalars(tag)]
-    return values
-
-
 @pytest.fixture(scope="module")
 def trained_vae(tmp_path_factory):
     """The digits VAE preset at a tiny width, 60 steps with the discriminator on from step 30."""
@@ -61,7 +49,7 @@ def digits_images(split, channels=1):
     return dataset.images
 
 
-def test_training_reduces_the_loss_and_exports_a_normalised_diffusers_vae(trained_vae):
+def test_training_reduces_the_loss_and_exports_a_normalised_diffusers_vae(trained_vae, scalars):
     from genvis import load_tokenizer
     from genvis.evaluation.recon import psnr
     from genvis.tokenizers.kl import KLTokenizer
@@ -116,7 +104,7 @@ def test_resume_is_bit_exact_with_both_optimizers(trained_vae, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, scalars):
     """With the discriminator and LeCam on from step 0: every logged quantity is the global batch's, and the
     first step (before Adam's per-parameter normalisation amplifies reduction-order rounding) agrees to 1e-6:
     the adaptive weight in particular is computed from the averaged gradients, not per process."""

@@ -84,6 +84,12 @@ class DiffusionTask(Task):
             schedule=t.schedule, num_train_timesteps=t.num_timesteps, beta_start=t.beta_start, beta_end=t.beta_end,
             flow_shift=t.flow_shift,
         )
+        if cfg.model.init_from is not None:
+            from accelerate import PartialState
+
+            from genvis.models import inherit_weights
+
+            PartialState().print(inherit_weights(model, cfg.model.init_from).summary())
         self.objective = objective_for(schedule_for_model(model), t.objective, model.config.learn_sigma,
                                        time_sampling=t.time_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std)
         self.null_label = data.num_classes
