@@ -4,6 +4,13 @@ from __future__ import annotations
 import json
 
 
+def _add_source(p, split: str, tokenizer_help: str = "tokenizer folder, or a model folder / run recording one") -> None:
+    """TOKENIZER, --data and --split: what every tokenizer action reads."""
+    p.add_argument("tokenizer", metavar="TOKENIZER", help=tokenizer_help)
+    p.add_argument("--data", required=True, metavar="CONFIG", help="a run config YAML whose data: section names the images")
+    p.add_argument("--split", default=split, help="dataset split (digits: train | test | all; folders have one)")
+
+
 def add_parser(subparsers) -> None:
     from genvis.cli.options import add_evaluation_options
 
@@ -17,9 +24,7 @@ def add_parser(subparsers) -> None:
         "between the features of the originals and of the reconstructions (digits features offline; Inception with "
         "local weights).",
     )
-    r.add_argument("tokenizer", metavar="TOKENIZER", help="tokenizer folder, or a model folder / run recording one")
-    r.add_argument("--data", required=True, metavar="CONFIG", help="a run config YAML whose data: section names the images")
-    r.add_argument("--split", default="test", help="dataset split (digits: train | test | all; folders have one)")
+    _add_source(r, split="test")
     r.add_argument("--num-images", type=int, default=None, metavar="N", help="the first N images (default: all)")
     r.add_argument("--out", default=None, metavar="SIDE.png", help="write originals (top) over reconstructions (bottom)")
     add_evaluation_options(r)
@@ -31,12 +36,10 @@ def add_parser(subparsers) -> None:
         "latents and labels, sharded over Accelerate processes by index; a rerun skips finished shards, and no shard "
         "is ever half-written. DIR/latents.json records the tokenizer, so a generator trained on DIR records it too.",
     )
-    e.add_argument("tokenizer", metavar="TOKENIZER", help="tokenizer folder, or a model folder / run recording one")
-    e.add_argument("--data", required=True, metavar="CONFIG", help="a run config YAML whose data: section names the images")
+    _add_source(e, split="train")
     e.add_argument("--out", required=True, metavar="DIR", help="the latents folder to write (or to resume)")
     e.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images (fast-DiT style), "
                    "for data.random_flip=true")
-    e.add_argument("--split", default="train", help="dataset split (digits: train | test | all)")
     e.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard file (the unit of resumption)")
     e.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per encoder call")
     e.add_argument("--device", default=None, metavar="D", help="torch device (default: the process's)")
@@ -48,9 +51,7 @@ def add_parser(subparsers) -> None:
         "writes them into TOKENIZER/config.json the way diffusers reads them: per_channel -> latents_mean / latents_std "
         "(scaling_factor 1); scalar -> shift_factor / scaling_factor. Afterwards encode() gives mean 0 / std 1.",
     )
-    s.add_argument("tokenizer", metavar="TOKENIZER", help="a KL tokenizer folder (genvis or diffusers AutoencoderKL)")
-    s.add_argument("--data", required=True, metavar="CONFIG", help="a run config YAML whose data: section names the images")
-    s.add_argument("--split", default="train", help="dataset split (digits: train | test | all)")
+    _add_source(s, split="train", tokenizer_help="a KL tokenizer folder (genvis or diffusers AutoencoderKL)")
     s.add_argument("--num-images", type=int, default=10000, metavar="N", help="images to measure on (a seeded subset)")
     s.add_argument("--normalisation", default="per_channel", choices=["per_channel", "scalar"], help="how to store them")
     s.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per encoder call")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from genvis.errors import GenvisError, first_line
 from genvis.evaluation.fid import feature_statistics, frechet_distance
 from genvis.generate import MANIFEST  # a PNG folder's samples.json: {"labels": [...], "files": [...]}
+from genvis.tokenizers.losses import digits_conv
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
@@ -49,14 +50,7 @@ class DigitsClassifier(nn.Module):
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.3):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # 16 -> 8
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # 8 -> 4
-        )
+        self.conv = digits_conv()
         self.fc = nn.Linear(64 * 4 * 4, FEATURE_DIM)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(FEATURE_DIM, num_classes)

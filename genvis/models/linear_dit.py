@@ -167,7 +167,6 @@ class LinearDiT(DiT):
             raise ValueError(f"v_conv {v_conv}: an odd kernel size, for relu attention only")
         self.attention_kind, self.v_conv_size, self.ffn_kind = attention, v_conv, ffn
         self.gla_chunk_size = gla_chunk_size
-        self.grid_size = input_size // patch_size
         self._build(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
                     num_classes, learn_sigma, pos_embed=use_pos_embed)
 

@@ -274,8 +274,9 @@ class _FrozenPerceptual(nn.Module):
         return super().train(False)
 
 
-def _digits_conv() -> nn.Sequential:
-    """The conv stack of genvis.evaluation.digits.DigitsClassifier (same indices, so the same keys)."""
+def digits_conv() -> nn.Sequential:
+    """The conv stack of genvis's digits classifier (genvis.evaluation.digits.DigitsClassifier builds its `conv`
+    with this function; it lives here because tokenizers sit below evaluation in the layers)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
@@ -303,7 +304,7 @@ class DigitsPerceptual(_FrozenPerceptual):
     def __init__(self, path: Optional[PathLike] = None):
         super().__init__()
         path = Path(path) if path is not None else DIGITS_CLASSIFIER_PATH
-        self.conv = _digits_conv()
+        self.conv = digits_conv()
         expected = "genvis's digits classifier weights (conv.N.weight/bias of DigitsClassifier)"
         state = _read_state_dict(path, "digits classifier weights", expected)
         with torch.no_grad():

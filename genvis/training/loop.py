@@ -163,6 +163,7 @@ def train(cfg: RunConfig) -> Path:
     device = accelerator.device
 
     task = TASKS.get(cfg.task.name)(cfg)
+    task.resuming = ckpt is not None
     if world > 1:
         task.reduce_mean = lambda tensor: accelerator.reduce(tensor, reduction="mean")
     dataset = build_dataset(cfg.data, split="train")

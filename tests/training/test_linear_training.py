@@ -131,6 +131,9 @@ def test_inherited_distilled_student(teacher, tmp_path, scalars):
     digest = hashlib.sha256((teacher / "model" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     assert record["teacher"] == str((teacher / "model").resolve()) and record["weights_sha256"] == digest
     assert type(load_model(run)) is LinearDiT and type(load_model(ckpt)) is LinearDiT
+    stdout = train(DISTILL, run, f"model.init_from={teacher}", f"task.teacher={teacher}", "train.steps=22",
+                   "train.checkpoint_every=20")
+    assert "resuming from" in stdout and "init_from" not in stdout  # the checkpoint's weights, not the source's
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -55,6 +55,9 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        # set by the loop before build(): the run continues from a checkpoint, whose weights replace whatever
+        # initial weights build() would load (a task may skip loading them)
+        self.resuming = False
 
     @staticmethod
     def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

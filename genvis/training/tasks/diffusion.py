@@ -84,7 +84,7 @@ class DiffusionTask(Task):
             schedule=t.schedule, num_train_timesteps=t.num_timesteps, beta_start=t.beta_start, beta_end=t.beta_end,
             flow_shift=t.flow_shift,
         )
-        if cfg.model.init_from is not None:
+        if cfg.model.init_from is not None and not self.resuming:  # a checkpoint's weights replace them anyway
             from accelerate import PartialState
 
             from genvis.models import inherit_weights
