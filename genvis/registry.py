@@ -82,7 +82,8 @@ _SAMPLER_MODULES = {
 }
 
 MODELS = Registry("model", {"dit": "genvis.models.dit", "linear_dit": "genvis.models.linear_dit"})
-TOKENIZERS = Registry("tokenizer", {"pixels": "genvis.tokenizers.base", "kl": "genvis.tokenizers.kl"})
+TOKENIZERS = Registry("tokenizer", {"pixels": "genvis.tokenizers.base", "kl": "genvis.tokenizers.kl",
+                                   "vq": "genvis.tokenizers.vq", "msvq": "genvis.tokenizers.multiscale_vq"})
 TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion", "distill": "genvis.training.tasks.distill",
                          "tokenizer": "genvis.training.tasks.tokenizer"})
 FAMILIES = Registry("model family", {"diffusion": "genvis.samplers.diffusion"})

@@ -1,6 +1,9 @@
-"""genvis import dit CKPT OUT_DIR --arch DiT-XL/2"""
+"""genvis import dit CKPT OUT_DIR --arch DiT-XL/2
+genvis import vq CKPT OUT_DIR [--layout auto|llamagen|taming] [--codebook-size K] [--codebook-dim D] [--image-channels C]
+genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]"""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from genvis.errors import GenvisError
@@ -25,6 +28,47 @@ def add_parser(subparsers) -> None:
     d.add_argument("--embed-tokenizer", action="store_true",
                    help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
     d.set_defaults(func=run_dit)
+
+    v = sub.add_parser(
+        "vq",
+        help="official LlamaGen (VQ-16, VQ-8) or taming VQGAN checkpoint -> a genvis VQ tokenizer folder",
+        description="The architecture (widths, levels, attention, codebook) is read off the tensor shapes; a training "
+        "checkpoint's 'ema' entry is taken, else 'model', else 'state_dict'. LlamaGen's quantize.codebook_used and "
+        "taming's loss.* (discriminator, LPIPS) are dropped. Loads with torch.load(weights_only=True): a file that "
+        "needs pickle is refused.",
+    )
+    v.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt, .ckpt or .safetensors)")
+    v.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    v.add_argument("--layout", choices=("auto", "llamagen", "taming"), default="auto",
+                   help="key layout of the checkpoint (auto: from its key names; LlamaGen's codebook is looked up "
+                   "l2-normalised, taming's is not)")
+    v.add_argument("--codebook-size", type=int, default=None, metavar="K", help="check: the number of codes expected")
+    v.add_argument("--codebook-dim", type=int, default=None, metavar="D", help="check: the code dimension expected")
+    v.add_argument("--image-channels", type=int, default=None, metavar="C", help="check: the image channels expected")
+    v.set_defaults(func=run_vq)
+
+    r = sub.add_parser(
+        "var-vae",
+        help="official VAR VQ-VAE (vae_ch160v4096z32.pth) -> a genvis multi-scale VQ tokenizer folder",
+        description="The architecture is read off the tensor shapes; phi ratio 0.5 (VAR's). Loads with "
+        "torch.load(weights_only=True).",
+    )
+    r.add_argument("checkpoint", metavar="CKPT", help="the official file (.pth or .safetensors)")
+    r.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    r.add_argument("--scales", type=_scales, default=None, metavar="LIST",
+                   help="token map sides, coarse to fine, e.g. 1,2,3,4,5,6,8,10,13,16 (default: VAR's, when the "
+                   "checkpoint's quantize.ema_vocab_hit_SV has 10 rows; required otherwise)")
+    r.set_defaults(func=run_var_vae)
+
+
+def _scales(text: str):
+    try:
+        scales = [int(c) for c in text.split(",") if c.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token map sides, e.g. 1,2,4,8,16") from None
+    if not scales:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty; expected comma-separated token map sides, e.g. 1,2,4,8,16")
+    return scales
 
 
 def run_dit(args) -> int:
@@ -77,4 +121,56 @@ def run_dit(args) -> int:
         if tokenizer is not None:
             record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
     print(f"imported {args.arch} ({model.num_params() / 1e6:.2f}M parameters) to {out}")
+    return 0
+
+
+def _write_tokenizer(model, converted, ckpt_path: Path, out: Path) -> None:
+    from genvis.io import atomic_dir
+    from genvis.tokenizers.vq_import import load_strict
+
+    load_strict(model, converted, str(ckpt_path))
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(tmp)
+
+
+def _dropped(converted) -> str:
+    if not converted.dropped:
+        return ""
+    if converted.layout == "taming":
+        return f"; dropped {len(converted.dropped)} loss.* keys"
+    return f"; dropped {', '.join(converted.dropped)}"
+
+
+def run_vq(args) -> int:
+    from genvis.tokenizers.vq import VQTokenizer
+    from genvis.tokenizers.vq_import import check_expected, convert_vq
+
+    ckpt_path = Path(args.checkpoint)
+    where = str(ckpt_path)
+    converted = convert_vq(load_checkpoint_file(ckpt_path), layout=args.layout, where=where)
+    check_expected(converted, where, codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
+                   in_channels=args.image_channels)
+    model = VQTokenizer(**converted.config)
+    out = Path(args.out)
+    _write_tokenizer(model, converted, ckpt_path, out)
+    c = converted.config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported {converted.layout} VQ ({params / 1e6:.2f}M parameters, f{model.downsample}, codebook "
+          f"{c['codebook_size']} x {c['codebook_dim']}{' l2-normalised' if c['l2_norm'] else ''}{_dropped(converted)}) to {out}")
+    return 0
+
+
+def run_var_vae(args) -> int:
+    from genvis.tokenizers.multiscale_vq import MultiScaleVQTokenizer
+    from genvis.tokenizers.vq_import import convert_var_vae
+
+    ckpt_path = Path(args.checkpoint)
+    converted = convert_var_vae(load_checkpoint_file(ckpt_path), scales=args.scales, where=str(ckpt_path))
+    model = MultiScaleVQTokenizer(**converted.config)
+    out = Path(args.out)
+    _write_tokenizer(model, converted, ckpt_path, out)
+    c = converted.config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported var VQ-VAE ({params / 1e6:.2f}M parameters, f{model.downsample}, codebook {c['codebook_size']} x "
+          f"{c['z_channels']}, scales {','.join(map(str, c['scales']))}{_dropped(converted)}) to {out}")
     return 0

@@ -18,11 +18,12 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     r = sub.add_parser(
-        "recon", help="PSNR, SSIM and reconstruction Frechet distance as JSON, and a side-by-side PNG",
+        "recon", help="PSNR, SSIM, reconstruction Frechet distance (and codebook usage) as JSON, and a side-by-side PNG",
         description="Encodes and decodes the images of a dataset config with TOKENIZER (a tokenizer folder, a diffusers "
         "AutoencoderKL folder, or a model folder / run that records one) and prints PSNR, SSIM and the Frechet distance "
         "between the features of the originals and of the reconstructions (digits features offline; Inception with "
-        "local weights).",
+        "local weights). For a discrete tokenizer also the codebook usage and perplexity of the images' ids, per scale "
+        "for a multi-scale one (with the usage of the codes each scale can reach: min(vocab, p*p*N)).",
     )
     _add_source(r, split="test")
     r.add_argument("--num-images", type=int, default=None, metavar="N", help="the first N images (default: all)")
@@ -31,9 +32,9 @@ def add_parser(subparsers) -> None:
     r.set_defaults(features="digits", func=run_recon)
 
     e = sub.add_parser(
-        "extract", help="encode a dataset once into latent shards (data.name=latents data.path=DIR trains on them)",
-        description="Encodes every image of the dataset (posterior mode, normalised) into safetensors shards of "
-        "latents and labels, sharded over Accelerate processes by index; a rerun skips finished shards, and no shard "
+        "extract", help="encode a dataset once into latent or id shards (data.name=latents data.path=DIR trains on them)",
+        description="Encodes every image of the dataset (posterior mode, normalised; or a discrete tokenizer's int64 "
+        "ids, every scale concatenated for a multi-scale one) into safetensors shards of latents and labels, sharded over Accelerate processes by index; a rerun skips finished shards, and no shard "
         "is ever half-written. DIR/latents.json records the tokenizer, so a generator trained on DIR records it too.",
     )
     _add_source(e, split="train")

@@ -7,6 +7,9 @@ DIR holds `latents.json` (what was encoded, by which tokenizer, and the shard la
 `shards/shard_000012.safetensors`, one file per `shard_size` consecutive dataset indices:
 
     latents          float32 [n, C, h, w]   the tokenizer's normalised latents (posterior mode)
+                     or int64 [n, h, w]     a discrete tokenizer's ids: a grid (VQ), or [n, L] all scales
+                                            concatenated coarse to fine (multi-scale VQ); latents.json's
+                                            "ids" then holds {"vocab_size", "layout", "scales"}
     labels           int64   [n]
     indices          int64   [n]            the dataset indices start..stop-1
     latents_flipped  float32 [n, C, h, w]   the latents of the horizontally flipped images (flip=True only)
@@ -67,11 +70,13 @@ class LatentsDataset(Dataset):
         self.item_shape: Tuple[int, int, int] = shape
         self.encoded_by: Optional[str] = r["tokenizer"]
         self.flip: bool = r["flip"]
-        self.latents = torch.empty((num,) + shape, dtype=torch.float32)
-        self.latents_flipped = torch.empty((num,) + shape, dtype=torch.float32) if self.flip else None
+        self.ids: Optional[Dict] = r.get("ids")  # the vocabulary and layout of token ids; None for latents
+        dtype = torch.int64 if self.ids else torch.float32
+        self.latents = torch.empty((num,) + shape, dtype=dtype)
+        self.latents_flipped = torch.empty((num,) + shape, dtype=dtype) if self.flip else None
         self.labels = torch.empty(num, dtype=torch.int64)
         for k, start, stop in shard_ranges(num, size):
-            tensors = read_shard(shard_path(self.path, k), stop - start, shape, self.flip)
+            tensors = read_shard(shard_path(self.path, k), stop - start, shape, self.flip, dtype)
             if not torch.equal(tensors["indices"], torch.arange(start, stop)):
                 raise DataError(f"{shard_path(self.path, k)}: holds other indices than shard {k} ({start}..{stop - 1}); "
                                 "remove it and rerun the extraction")
@@ -113,8 +118,10 @@ def read_record(folder: Path) -> Dict:
     return record
 
 
-def read_shard(path: Path, n: int, latent_shape: Tuple[int, ...], flip: bool) -> Dict[str, torch.Tensor]:
-    """The tensors of one shard file, checked against what latents.json says it holds (n items)."""
+def read_shard(path: Path, n: int, latent_shape: Tuple[int, ...], flip: bool,
+               dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """The tensors of one shard file, checked against what latents.json says it holds (n items of `dtype`:
+    float32 latents or int64 ids)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -123,7 +130,7 @@ def read_shard(path: Path, n: int, latent_shape: Tuple[int, ...], flip: bool) ->
         tensors = load_file(str(path))
     except Exception as err:  # SafetensorError for a truncated or foreign file
         raise DataError(f"{path}: not a readable safetensors shard ({first_line(err)}); remove it and rerun the extraction") from None
-    expected = {"latents": (torch.float32, (n,) + tuple(latent_shape)), "labels": (torch.int64, (n,)),
+    expected = {"latents": (dtype, (n,) + tuple(latent_shape)), "labels": (torch.int64, (n,)),
                 "indices": (torch.int64, (n,))}
     if flip:
         expected["latents_flipped"] = expected["latents"]

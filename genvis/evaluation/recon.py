@@ -161,7 +161,9 @@ def reconstruction_metrics(tokenizer, data_cfg, *, split: Optional[str] = None, 
 
     Returns:
         {"psnr": mean dB over images (+inf as soon as one image is reconstructed exactly; no cap),
-         "ssim": mean SSIM, "rfd": Frechet distance, "num_images": N, "features": features, "split": split}.
+         "ssim": mean SSIM, "rfd": Frechet distance, "num_images": N, "features": features, "split": split};
+        for a discrete tokenizer also "codebook_size", "codebook_usage" and "perplexity" over the N images'
+        ids, and for a multi-scale one "scales" (see `codebook_report`).
     """
     from tqdm.auto import tqdm
 
@@ -191,6 +193,7 @@ def reconstruction_metrics(tokenizer, data_cfg, *, split: Optional[str] = None, 
     extractor = build_extractor(features, weights=weights, device=device, features=[layer])
     acc_orig, acc_rec = FeatureAccumulator(stats=(layer,)), FeatureAccumulator(stats=(layer,))
     psnr_sum, ssim_sum = 0.0, 0.0
+    counts = [] if tokenizer.kind == "discrete" else None  # per id map (one, or one per scale): code counts
     shown_orig, shown_rec = [], []  # uint8 NHWC of the first SIDE_BY_SIDE_MAX images
     try:
         with torch.no_grad(), tqdm(total=num, desc="reconstruction", unit="img", dynamic_ncols=True,
@@ -198,7 +201,10 @@ def reconstruction_metrics(tokenizer, data_cfg, *, split: Optional[str] = None, 
             for start in range(0, num, batch_size):
                 stop = min(start + batch_size, num)
                 images = torch.stack([dataset[i][0] for i in range(start, stop)]).to(device)  # B, C, H, W in [-1, 1]
-                recon = tokenizer.decode(tokenizer.encode(images)).float().clamp(-1.0, 1.0)
+                encoded = tokenizer.encode(images)
+                if counts is not None:
+                    _count_codes(counts, encoded, tokenizer.vocab_size)
+                recon = tokenizer.decode(encoded).float().clamp(-1.0, 1.0)
                 if recon.shape != images.shape:
                     raise GenvisError(f"the tokenizer reconstructs {list(images.shape[1:])} images as "
                                       f"{list(recon.shape[1:])}; expected the same shape")
@@ -221,5 +227,38 @@ def reconstruction_metrics(tokenizer, data_cfg, *, split: Optional[str] = None, 
     if side_by_side is not None:
         top, bottom = np.concatenate(shown_orig), np.concatenate(shown_rec)
         save_grid(np.concatenate([top, bottom]), side_by_side, nrow=top.shape[0])
-    return {"psnr": psnr_sum / num, "ssim": ssim_sum / num, "rfd": rfd,
-            "num_images": num, "features": features, "split": split}
+    result = {"psnr": psnr_sum / num, "ssim": ssim_sum / num, "rfd": rfd,
+              "num_images": num, "features": features, "split": split}
+    if counts is not None:
+        result.update(codebook_report(counts, tokenizer, num))
+    return result
+
+
+def _count_codes(counts: list, encoded, vocab_size: int) -> None:
+    """Add a batch's ids (a tensor, or a list of per-scale tensors) to the per-map code counts."""
+    maps = list(encoded) if isinstance(encoded, (list, tuple)) else [encoded]
+    if not counts:
+        counts.extend(torch.zeros(vocab_size, dtype=torch.float64) for _ in maps)
+    for total, ids in zip(counts, maps):
+        total += torch.bincount(ids.flatten().cpu(), minlength=vocab_size).double()
+
+
+def codebook_report(counts: list, tokenizer, num_images: int) -> dict:
+    """Codebook usage (fraction of the vocabulary used over the images) and perplexity (exp of the entropy
+    of the code frequencies); for a multi-scale tokenizer also per scale, with the usage relative to the codes
+    a scale can reach: a p x p scale gives p*p*N ids, so it reaches at most min(vocab, p*p*N) codes."""
+    from genvis.tokenizers.vq import usage_and_perplexity
+
+    total = sum(counts)
+    usage, perplexity = usage_and_perplexity(total / total.sum())
+    report = {"codebook_size": tokenizer.vocab_size, "codebook_usage": float(usage), "perplexity": float(perplexity)}
+    if len(counts) > 1:
+        scales = []
+        for p, c in zip(tokenizer.scales, counts):
+            used, ppl = usage_and_perplexity(c / c.sum())
+            reachable = min(tokenizer.vocab_size, p * p * num_images)
+            codes = int((c > 0).sum())
+            scales.append({"scale": p, "codes_used": codes, "usage": float(used), "reachable": reachable,
+                           "usage_of_reachable": codes / reachable, "perplexity": float(ppl)})
+        report["scales"] = scales
+    return report

@@ -68,7 +68,7 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, section: "TokenizerConfig", image_shape: Tuple[int, int, int]) -> "Tokenizer":
+    def from_section(cls, section: "TokenizerConfig", image_shape: Tuple[int, int, int]) -> "Tokenizer":
         """A new tokenizer of the architecture `section` describes, for images of `image_shape` (C, H, W)."""
         raise NotImplementedError
 
@@ -96,5 +96,5 @@ class PixelTokenizer(Tokenizer):
         return cls()
 
     @classmethod
-    def from_config(cls, section=None, image_shape=None) -> "PixelTokenizer":
+    def from_section(cls, section=None, image_shape=None) -> "PixelTokenizer":
         return cls()

@@ -5,7 +5,8 @@ extract_features.py does (it too stores the encoding of each image and of its mi
     extract_latents("vae/", cfg.data, "latents/", flip=True)
 
 Every image is encoded with the posterior mode in fp32 (no autocast), so the latents are a function of
-the image and the tokenizer alone. The dataset indices are grouped into shards of `shard_size`
+the image and the tokenizer alone. A discrete tokenizer's ids are stored as int64: a grid [h, w] per image
+(VQ), or every scale's ids concatenated coarse to fine [L] (multi-scale VQ), for token generators. The dataset indices are grouped into shards of `shard_size`
 consecutive indices; Accelerate process p of W encodes the shards k with k % W == p, in batches that
 start at the shard's start, so the files do not depend on the process count. A finished shard is one
 file, `shards/shard_000012.safetensors` (layout: genvis.data.latents), written under a temporary name
@@ -88,7 +89,7 @@ def _record(tokenizer_path, tokenizer, data_cfg, dataset, split: str, flip: bool
                        if TOKENIZERS.entry(n).factory is type(tokenizer)), type(tokenizer).__name__)
     data_path = getattr(data_cfg, "path", None)
     num = len(dataset)
-    return {
+    record = {
         "format_version": FORMAT_VERSION,
         "tokenizer": getattr(tokenizer, "source", None) or str(Path(tokenizer_path).resolve()),  # the folder itself
         "tokenizer_class": class_name,
@@ -102,6 +103,10 @@ def _record(tokenizer_path, tokenizer, data_cfg, dataset, split: str, flip: bool
         "shard_size": shard_size,
         "num_shards": len(shard_ranges(num, shard_size)),
     }
+    if tokenizer.kind == "discrete":  # ids, for token generators (absent for latents, as before)
+        record["ids"] = {"vocab_size": int(tokenizer.vocab_size), "layout": tokenizer.token_layout,
+                         "scales": list(tokenizer.scales) if tokenizer.token_layout == "scales" else None}
+    return record
 
 
 def _batches(start: int, stop: int, batch_size: int) -> Iterator[Tuple[int, int]]:
@@ -119,9 +124,9 @@ def _encode_range(tokenizer, dataset, start: int, stop: int, batch_size: int, fl
             images_BCHW = torch.stack([image for image, _ in items]).to(device)
             labels += [label for _, label in items]
             # Two calls, not one of 2B: the plain latents are then the same bits with or without flip.
-            latents.append(tokenizer.encode(images_BCHW).float().cpu())
+            latents.append(_stored(tokenizer, tokenizer.encode(images_BCHW)))
             if flip:
-                flipped.append(tokenizer.encode(torch.flip(images_BCHW, dims=[-1])).float().cpu())
+                flipped.append(_stored(tokenizer, tokenizer.encode(torch.flip(images_BCHW, dims=[-1]))))
             bar.update(b - a)
     # .contiguous(): a conv may hand back channels-last strides, which safetensors will not write
     tensors = {"latents": torch.cat(latents).contiguous(), "labels": torch.tensor(labels, dtype=torch.int64),
@@ -132,6 +137,15 @@ def _encode_range(tokenizer, dataset, start: int, stop: int, batch_size: int, fl
         raise GenvisError(f"the tokenizer gave latents of shape {list(tensors['latents'].shape[1:])}, but its latent_shape "
                           f"says {list(latent_shape)}")
     return tensors
+
+
+def _stored(tokenizer, encoded) -> torch.Tensor:
+    """What a shard stores of one batch's encoding: float32 latents, or int64 ids (scales concatenated)."""
+    if tokenizer.kind == "continuous":
+        return encoded.float().cpu()
+    if isinstance(encoded, (list, tuple)):
+        encoded = torch.cat([ids.reshape(ids.shape[0], -1) for ids in encoded], dim=1)
+    return encoded.long().cpu()
 
 
 def _bar(total: int, show: bool):

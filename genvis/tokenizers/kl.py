@@ -20,6 +20,7 @@ import torch
 from genvis.errors import ConfigError
 from genvis.registry import TOKENIZERS
 from genvis.tokenizers.base import Tokenizer, TokenizerConfig
+from genvis.tokenizers.losses import kl_loss
 
 NORMALISATIONS = ("per_channel", "scalar")
 
@@ -64,7 +65,7 @@ class KLTokenizer(Tokenizer):
         self.vae = vae
 
     @classmethod
-    def from_config(cls, section: KLConfig, image_shape: Tuple[int, int, int]) -> "KLTokenizer":
+    def from_section(cls, section: KLConfig, image_shape: Tuple[int, int, int]) -> "KLTokenizer":
         """A new (randomly initialised) tokenizer for images of `image_shape` (C, H, W)."""
         from diffusers import AutoencoderKL
 
@@ -82,13 +83,19 @@ class KLTokenizer(Tokenizer):
         )
         return cls(vae)
 
-    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Training pass: images [B, C, H, W] -> {"reconstruction", "mean", "logvar"} (raw latent space,
-        before normalisation). With `noise` [B, c, h, w] the decoder sees the posterior sample
-        mean + std * noise (LDM trains on posterior samples); without it, the mean."""
+    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None, sync=None) -> Dict[str, torch.Tensor]:
+        """Training pass: images [B, C, H, W] -> {"reconstruction", "kl" (the batch's mean KL), "mean", "logvar"}
+        (raw latent space, before normalisation). With `noise` [B, c, h, w] the decoder sees the posterior sample
+        mean + std * noise (LDM trains on posterior samples); without it, the mean. `sync` is unused (no
+        statistics of the global batch)."""
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean if noise is None else posterior.mean + posterior.std * noise
-        return {"reconstruction": self.vae.decode(z).sample, "mean": posterior.mean, "logvar": posterior.logvar}
+        return {"reconstruction": self.vae.decode(z).sample, "kl": kl_loss(posterior.mean, posterior.logvar).mean(),
+                "mean": posterior.mean, "logvar": posterior.logvar}
+
+    def draw_shape(self, image_shape) -> Dict[str, Tuple[int, ...]]:
+        """Per image, the random numbers one training step takes: the posterior noise."""
+        return {"noise": self.latent_shape(image_shape)}
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 
 
 class EMA:
-    """Keeps `self.model`, an fp32 copy whose parameters track the training model.
+    """Keeps `self.model`, an fp32 copy whose trained parameters track the training model's; its frozen
+    parameters and buffers (an EMA codebook, usage statistics) are copies of the training model's.
 
     decay_t = min(decay, (1 + step) / (10 + step)) with `warmup` (so early, poorly trained weights
     are forgotten quickly), else the constant `decay` (DiT: 0.9999 from the start).
@@ -18,6 +19,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self._params = dict(self.model.named_parameters())  # load_state_dict copies in place, so this stays valid
+        self._buffers = dict(self.model.named_buffers())
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -28,6 +30,10 @@ class EMA:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._params[name].lerp_(p.detach().float(), 1.0 - d)
+            else:  # not trained by the optimizer but may still change (an EMA codebook): follow it
+                self._params[name].copy_(p.detach())
+        for name, b in model.named_buffers():  # statistics (codebook usage) are copied, not averaged
+            self._buffers[name].copy_(b.detach())
 
     def state_dict(self):
         return {k: v.contiguous() for k, v in self.model.state_dict().items()}

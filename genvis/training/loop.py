@@ -166,6 +166,7 @@ def train(cfg: RunConfig) -> Path:
     task.resuming = ckpt is not None
     if world > 1:
         task.reduce_mean = lambda tensor: accelerator.reduce(tensor, reduction="mean")
+        task.gather = accelerator.gather
     dataset = build_dataset(cfg.data, split="train")
     info = DataInfo(num_classes=dataset.num_classes, image_shape=tuple(dataset.item_shape), encoded_by=dataset.encoded_by)
     torch.manual_seed(cfg.seed)  # identical initial weights on every process

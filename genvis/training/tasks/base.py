@@ -65,6 +65,12 @@ class Task:
         for statistics a task needs from the global batch (e.g. an adaptive loss weight)."""
         return tensor
 
+    @staticmethod
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` of every process concatenated along dim 0 in process order (the loop replaces this identity
+        when there are several); every process must call it with the same shape."""
+        return tensor
+
     def build(self, data: DataInfo) -> Dict[str, nn.Module]:
         """Every module of the task by name, trainable and frozen (the global RNG is seeded before)."""
         raise NotImplementedError

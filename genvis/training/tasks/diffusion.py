@@ -78,6 +78,10 @@ class DiffusionTask(Task):
             self.tokenizer_source, self.encode = cfg.tokenizer.path, True
             self.tokenizer = build_tokenizer(self.tokenizer_source)
             self.sample_shape = tuple(self.tokenizer.latent_shape(data.image_shape))
+        if self.tokenizer.kind != "continuous":
+            raise ConfigError(f"key 'tokenizer.path': {self.tokenizer_source} is a discrete tokenizer "
+                              f"({type(self.tokenizer).__name__}: token ids); a diffusion model trains on pixels or "
+                              "continuous latents")
         model = entry.factory(
             cfg.model, sample_shape=self.sample_shape, num_classes=data.num_classes,
             learn_sigma=cfg.model.learn_sigma and t.objective == "eps", prediction_type=PREDICTION[t.objective],

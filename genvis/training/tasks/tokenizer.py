@@ -1,9 +1,12 @@
-"""Tokenizer training, the taming / LDM recipe: reconstruction (L1 or L2) + perceptual + KL + a hinge
-PatchGAN whose weight adapts to the decoder's last layer, ||grad rec|| / (||grad gan|| + 1e-4), from a
-delayed start, with optional LeCam regularisation. Two optimizers: the tokenizer, then the discriminator.
+"""Tokenizer training, the taming / LDM recipe: reconstruction (L1 or L2) + perceptual + the tokenizer's own
+term (KL for a KL-VAE, the quantizer's codebook / commitment / entropy loss for VQ) + a hinge PatchGAN whose
+weight adapts to the decoder's last layer, ||grad rec|| / (||grad gan|| + 1e-4), from a delayed start, with
+optional LeCam regularisation. Two optimizers: the tokenizer, then the discriminator.
 
-Per step it draws the posterior noise of the whole global batch (the decoder trains on posterior samples
-mean + std * noise, as LDM). The discriminator judges reconstructions through its unwrapped module for the
+Per step it draws the random numbers the tokenizer asks for (`draw_shape`) for the whole global batch: the
+posterior noise of a KL-VAE (the decoder trains on posterior samples mean + std * noise, as LDM), the
+dead-code restart keys of a quantizer. The tokenizer's forward gets the global batch's collectives (mean,
+gather), so quantizer statistics and codebook restarts are the same on every process. The discriminator judges reconstructions through its unwrapped module for the
 tokenizer's loss (only the tokenizer's parameters receive that gradient) and real + fake images in one
 batch through its (DDP) module for its own loss, so each module has one forward and one backward per
 step under several processes.
@@ -25,9 +28,9 @@ from genvis.tokenizers.losses import (
     build_perceptual,
     hinge_d_loss,
     hinge_g_loss,
-    kl_loss,
     reconstruction_loss,
 )
+from genvis.tokenizers.vq import Collectives
 from genvis.training.tasks.base import DataInfo, OptimizerSpec, Task
 
 
@@ -41,14 +44,15 @@ class TokenizerTaskConfig:
     perceptual_weight: float = 1.0
     lpips_weights: Optional[str] = None  # a local torchvision VGG16 state dict (nothing here downloads one)
     lpips_heads: Optional[str] = None  # LPIPS's linear heads, when the lpips package is not installed
-    kl_weight: float = 1e-6  # LDM's KL-f8
-    disc_weight: float = 0.5  # times the adaptive weight
+    kl_weight: float = 1e-6  # LDM's KL-f8 (KL tokenizers; a quantizer's loss weights are in tokenizer:)
+    disc_weight: float = 0.5  # times the adaptive weight (or alone, adaptive_weight: false)
+    adaptive_weight: bool = True  # taming / LDM; LlamaGen's VQ recipe uses disc_weight alone
     disc_start: int = 0  # step from which the GAN term counts (before it, its weight is 0, as taming)
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr_scale: float = 1.0  # the discriminator's learning rate, relative to train.lr
     lecam_weight: float = 0.0  # LeCam regularisation of the discriminator (0 = off)
-    sample_posterior: bool = True  # decode posterior samples (LDM) rather than the mean
+    sample_posterior: bool = True  # KL: decode posterior samples (LDM) rather than the mean
     preview_num: int = 16  # training images in the reconstruction preview
 
     def validate(self) -> None:
@@ -81,10 +85,12 @@ class TokenizerTask(Task):
             raise ConfigError("key 'tokenizer.arch': tokenizer training needs an architecture to train, e.g. tokenizer.arch=kl")
         if data.encoded_by is not None:
             raise ConfigError(f"key 'data.name': tokenizer training needs images, not latents ({cfg.data.name})")
-        tokenizer = TOKENIZERS.get(cfg.tokenizer.arch).from_config(cfg.tokenizer, data.image_shape)
+        tokenizer = TOKENIZERS.get(cfg.tokenizer.arch).from_section(cfg.tokenizer, data.image_shape)
         if not hasattr(tokenizer, "last_layer"):
             raise ConfigError(f"key 'tokenizer.arch': {cfg.tokenizer.arch!r} is not trainable")
         self.latent_shape = tuple(tokenizer.latent_shape(data.image_shape))
+        self.draw_shapes = dict(tokenizer.draw_shape(data.image_shape))
+        self.kind, self.vocab_size = tokenizer.kind, getattr(tokenizer, "vocab_size", None)
         disc = PatchDiscriminator(data.image_shape[0], ndf=t.disc_channels, n_layers=t.disc_layers)
         perceptual, self.perceptual_name = build_perceptual(t.perceptual, weights=t.lpips_weights, heads=t.lpips_heads)
         self.lecam = LeCam() if t.lecam_weight > 0 else None
@@ -99,29 +105,37 @@ class TokenizerTask(Task):
         return [OptimizerSpec("tokenizer", ("tokenizer",)), OptimizerSpec("disc", ("disc",), lr_scale=self.cfg.task.disc_lr_scale)]
 
     def draw(self, num: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-        return {"posterior_noise": torch.randn((num, *self.latent_shape), generator=generator)}
+        """Gaussian posterior noise ("noise"), uniform restart keys ("keys"), as the tokenizer asks."""
+        return {name: (torch.randn if name == "noise" else torch.rand)((num, *shape), generator=generator)
+                for name, shape in self.draw_shapes.items()}
 
     def losses(self, modules, batch, draws, step):
         t = self.cfg.task
         images = batch[0]
-        noise = draws["posterior_noise"].to(images.device) if t.sample_posterior else None
-        out = modules["tokenizer"](images, noise)
+        inputs = {name: value.to(images.device) for name, value in draws.items() if name != "noise" or t.sample_posterior}
+        out = modules["tokenizer"](images, **inputs, sync=Collectives(mean=self.reduce_mean, gather=self.gather))
         rec = out["reconstruction"]
         nll = reconstruction_loss(images, rec, t.reconstruction)
         if "perceptual" in modules:
             nll = nll + t.perceptual_weight * modules["perceptual"](images, rec)
         nll = nll.mean()
-        kl = kl_loss(out["mean"], out["logvar"]).mean()
+        own = {}  # the tokenizer's own term: KL, or the quantizer's loss
+        if "kl" in out:
+            own["kl"] = t.kl_weight * out["kl"]
+        if "quantizer_loss" in out:
+            own["quantizer"] = out["quantizer_loss"]
 
         # the tokenizer's adversarial term, through the unwrapped discriminator
         factor = 1.0 if step >= t.disc_start else 0.0
         g_loss = hinge_g_loss(_module(modules["disc"])(rec))
-        if factor:  # computed from the global batch's gradients under several processes (1 process equals N)
+        if factor and not t.adaptive_weight:
+            weight = torch.full((), t.disc_weight, device=images.device)
+        elif factor:  # computed from the global batch's gradients under several processes (1 process equals N)
             weight = adaptive_weight(nll, g_loss, _module(modules["tokenizer"]).last_layer, reduce=self.reduce_mean)
             weight = weight * t.disc_weight
         else:  # before the discriminator starts: taming multiplies the term by 0; skip the two gradients
             weight = torch.zeros((), device=images.device)
-        tokenizer_loss = nll + t.kl_weight * kl + factor * weight * g_loss
+        tokenizer_loss = nll + sum(own.values()) + factor * weight * g_loss
 
         # the discriminator's own loss: real and (detached) fake in one batch through its module
         logits = modules["disc"](torch.cat([images, rec.detach()]))
@@ -130,9 +144,14 @@ class TokenizerTask(Task):
         if self.lecam is not None:
             disc_loss = disc_loss + t.lecam_weight * self.lecam.penalty(real, fake)
             self.lecam.update(self.reduce_mean(real.detach().mean()), self.reduce_mean(fake.detach().mean()))
+        logs = {key: value.detach() for key, value in out.items() if key.startswith("log/")}
+        if "kl" in out:
+            logs["log/kl"] = out["kl"].detach()
+        if "quantizer_loss" in out:
+            logs["log/quantizer"] = out["quantizer_loss"].detach()
         return {"tokenizer": tokenizer_loss, "disc": factor * disc_loss,
-                "log/reconstruction": nll.detach(), "log/kl": kl.detach(), "log/g_loss": g_loss.detach(),
-                "log/d_weight": weight.detach(), "log/d_loss": disc_loss.detach()}
+                "log/reconstruction": nll.detach(), "log/g_loss": g_loss.detach(),
+                "log/d_weight": weight.detach(), "log/d_loss": disc_loss.detach(), **logs}
 
     def preview(self, modules, path: Path) -> None:
         """Originals (top row) above their reconstructions (bottom row), the first preview_num training images."""
@@ -148,10 +167,14 @@ class TokenizerTask(Task):
         save_grid(to_uint8(torch.cat([images, rec.clamp(-1, 1)])), path, nrow=len(images))
 
     def export(self, modules, folder: Path) -> None:
-        """The EMA tokenizer with its latent normalisation measured on (up to stats_images) training images."""
+        """The EMA tokenizer; a continuous one with its latent normalisation measured on (up to stats_images)
+        training images."""
         from genvis.data import build_dataset
 
         tokenizer = modules["tokenizer"]
+        if tokenizer.kind != "continuous":
+            tokenizer.save_pretrained(folder)
+            return
         section = self.cfg.tokenizer
         dataset = build_dataset(self.cfg.data, split="train")
         count = min(section.stats_images, len(dataset))
@@ -166,5 +189,9 @@ class TokenizerTask(Task):
         tokenizer.save_pretrained(folder)
 
     def describe(self) -> str:
-        return (f"{self.cfg.tokenizer.arch} tokenizer (latents {'x'.join(map(str, self.latent_shape))}; "
-                f"{self.cfg.task.reconstruction} + perceptual: {self.perceptual_name} + KL + PatchGAN from step {self.cfg.task.disc_start})")
+        t = self.cfg.task
+        made = (f"latents {'x'.join(map(str, self.latent_shape))}" if self.kind == "continuous"
+                else f"{'x'.join(map(str, self.latent_shape))} ids of a {self.vocab_size}-code vocabulary")
+        own = "KL" if self.kind == "continuous" else "quantizer loss"
+        return (f"{self.cfg.tokenizer.arch} tokenizer ({made}; {t.reconstruction} + perceptual: {self.perceptual_name} "
+                f"+ {own} + PatchGAN from step {t.disc_start})")
