@@ -129,6 +129,35 @@ def find_run_dir(path: PathLike) -> Optional[Path]:
     return None
 
 
+WRAPPER_ENTRIES = ("ema", "model", "state_dict")  # a training checkpoint's weights, tried in this order
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+
+
+def unwrap_state_dict(checkpoint: dict) -> dict:
+    """The tensors of a plain state dict, or of a training checkpoint's "ema" / "model" / "state_dict" entry
+    (the first that is a dict, in that order: the EMA weights are preferred), with DDP "module." and
+    torch.compile "_orig_mod." prefixes removed; entries that are not tensors are left out (the result may
+    be empty)."""
+    import torch
+
+    for entry in WRAPPER_ENTRIES:
+        if isinstance(checkpoint.get(entry), dict):
+            checkpoint = checkpoint[entry]
+            break
+    state = {}
+    for key, value in checkpoint.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        state[key] = value
+    return state
+
+
 def load_checkpoint_file(path: PathLike) -> dict:
     """A tensor-only checkpoint: safetensors, or torch.load with weights_only=True (never arbitrary pickle)."""
     import torch

@@ -73,7 +73,8 @@ def _scales(text: str):
 
 def run_dit(args) -> int:
     from genvis.io import atomic_dir
-    from genvis.models.dit import DiT, checkpoint_filter_fn, dit_config, infer_dit_config, parse_arch
+    from genvis.io import unwrap_state_dict
+    from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
     from genvis.tokenizers import record_tokenizer
 
     try:
@@ -84,7 +85,7 @@ def run_dit(args) -> int:
     raw = load_checkpoint_file(ckpt_path)
     if not isinstance(raw, dict):
         raise GenvisError(f"{ckpt_path}: expected a state dict or a training checkpoint dict, got {type(raw).__name__}")
-    state = checkpoint_filter_fn(raw)
+    state = unwrap_state_dict(raw)
     needed = ["pos_embed", "x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"]
     missing = [k for k in needed if k not in state]
     if missing:

@@ -304,33 +304,6 @@ def dit_from_config(section: DiTConfig, *, sample_shape: Tuple[int, int, int], n
 #                       Foreign checkpoints (official DiT)                      #
 #################################################################################
 
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
-
-
-def checkpoint_filter_fn(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    """Official DiT file -> genvis state dict.
-
-    Accepts a plain state dict or a training checkpoint {"model", "ema", "opt", "args"} (the EMA
-    weights are preferred), with or without DDP "module." / torch.compile "_orig_mod." prefixes.
-    """
-    if "ema" in checkpoint and isinstance(checkpoint["ema"], dict):
-        checkpoint = checkpoint["ema"]
-    elif "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        checkpoint = checkpoint["model"]
-    out = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
 def infer_dit_config(state_dict: Dict[str, torch.Tensor], patch_size: int) -> dict:
     """Input size, channels, classes and learn_sigma read off an official-layout state dict."""
     hidden = state_dict["pos_embed"].shape[-1]

@@ -28,9 +28,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from genvis.errors import GenvisError
+from genvis.io import WRAPPER_ENTRIES, unwrap_state_dict
 
-WRAPPER_ENTRIES = ("ema", "model", "state_dict")  # tried in this order
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 OWN_BUFFERS = ("quantize.usage", "quantize.ema_count", "quantize.ema_sum")  # genvis's training statistics
 VQ_LAYOUTS = ("llamagen", "taming")
 
@@ -57,21 +56,7 @@ def unwrap_checkpoint(checkpoint, where: str = "checkpoint") -> Dict[str, torch.
     in that order), without wrapper prefixes; non-tensor entries are left out."""
     if not isinstance(checkpoint, dict):
         raise GenvisError(f"{where}: expected a state dict or a training checkpoint dict, got {type(checkpoint).__name__}")
-    for entry in WRAPPER_ENTRIES:
-        if isinstance(checkpoint.get(entry), dict):
-            checkpoint = checkpoint[entry]
-            break
-    state = {}
-    for key, value in checkpoint.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        state[key] = value
+    state = unwrap_state_dict(checkpoint)
     if not state:
         raise GenvisError(f"{where}: holds no tensors (expected a state dict, or a checkpoint with an "
                           f"{' / '.join(repr(e) for e in WRAPPER_ENTRIES)} entry)")
