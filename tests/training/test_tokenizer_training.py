@@ -13,24 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_run import genvis, train
+
 ROOT = Path(__file__).resolve().parents[2]
 VAE = str(ROOT / "configs" / "digits" / "vae.yaml")
 DIT_VAE = str(ROOT / "configs" / "digits" / "dit_vae.yaml")
 TINY = ["tokenizer.block_out_channels=[16,32]", "tokenizer.norm_num_groups=8", "task.disc_channels=16", "train.batch_size=16",
         "train.log_every=1", "train.mixed_precision=fp32", "train.keep_checkpoints=0", "train.warmup_steps=0",
         "tokenizer.stats_images=400"]
-
-
-def genvis(*argv, env=None):
-    proc = subprocess.run([sys.executable, "-m", "genvis", *map(str, argv)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def train(config, out, *extra):
-    code, stdout, stderr = genvis("train", config, f"output_dir={out}", *extra)
-    assert code == 0, stderr[-3000:]
-    return stdout
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_run import genvis, train
+
 ROOT = Path(__file__).resolve().parents[2]
 VQ = str(ROOT / "configs" / "digits" / "vq.yaml")
 MSVQ = str(ROOT / "configs" / "digits" / "msvq.yaml")
@@ -22,18 +24,6 @@ TINY = ["tokenizer.ch=16", "tokenizer.norm_groups=8", "tokenizer.z_channels=16",
         "tokenizer.usage_decay=0.5", "tokenizer.restart_threshold=0.5", "task.disc_channels=16", "train.batch_size=16",
         "train.log_every=1", "train.mixed_precision=fp32", "train.keep_checkpoints=0", "train.warmup_steps=0"]
 VQ_ARGS = [*TINY, "tokenizer.ema=true", "train.checkpoint_every=20", "task.disc_start=20"]
-
-
-def genvis(*argv, env=None):
-    proc = subprocess.run([sys.executable, "-m", "genvis", *map(str, argv)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def train(config, out, *extra):
-    code, stdout, stderr = genvis("train", config, f"output_dir={out}", *extra)
-    assert code == 0, stderr[-3000:]
-    return stdout
 
 
 @pytest.fixture(scope="module")
