@@ -25,6 +25,9 @@ from genvis.precision import PRECISIONS
 from genvis.registry import FAMILIES, MODELS, TASKS, TOKENIZERS, Registry
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -34,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warmup: constant | linear | cosine, down to lr * lr_end_ratio at the last step
+    lr_end_ratio: float = 0.0  # VAR's wpe (0.1 for d16/d20, 0.01 for d24/d30)
     grad_clip: float = 1.0  # 0 = no clipping
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)) early on
@@ -53,6 +58,10 @@ class TrainConfig:
                     "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"key 'train.{key}': must be >= 0, got {getattr(self, key)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"key 'train.lr_schedule': {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.lr_end_ratio <= 1.0:
+            raise ConfigError(f"key 'train.lr_end_ratio': {self.lr_end_ratio}: expected a value in [0, 1]")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"key 'train.betas': {list(self.betas)}: expected two values in [0, 1)")
         if not 0.0 <= self.ema_decay <= 1.0:

@@ -2,7 +2,8 @@
 
 `generate` keeps what every family shares: seeding, batching, precision and decoding. Each batch
 goes to the model family's sampler (genvis.registry.FAMILIES: the ODE/SDE solvers for diffusion
-models), with the family's own options dataclass (e.g. genvis.samplers.options.DiffusionSampling).
+models, genvis.samplers.tokens for VAR), with the family's own options dataclass (e.g.
+genvis.samplers.options.DiffusionSampling) and the tokenizer; it returns what `tokenizer.decode` takes.
 
 Sample i is drawn from its own generator seeded by (seed, i): its initial noise and every
 stochastic step come from that stream alone, so an image does not depend on the batch size,
@@ -81,14 +82,6 @@ def load_model_fields(options, device):
     return loaded
 
 
-def check_tokenizer(model, tokenizer) -> None:
-    """The tokenizer must decode what the model generates."""
-    expected = tokenizer.latent_channels if tokenizer is not None else None
-    if expected is not None and expected != model.sample_shape[0]:
-        raise GenvisError(f"the tokenizer's latents have {expected} channels but the model generates "
-                          f"{model.sample_shape[0]}; give the tokenizer the model was trained with")
-
-
 @torch.no_grad()
 def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_index: int = 0, sampling=None,
              batch_size: int = 64, precision: str = "auto", progress: bool = False, **sampling_fields) -> torch.Tensor:
@@ -105,8 +98,7 @@ def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_ind
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     options = load_model_fields(sampling_options(model, sampling, **sampling_fields), device)
-    check_tokenizer(model, tokenizer)
-    family_sampler = FAMILIES.get(model.family)(model, options)
+    family_sampler = FAMILIES.get(model.family)(model, options, tokenizer)
 
     bar = None
     if progress:

@@ -104,7 +104,28 @@ def test_a_null_section_is_one_line(tmp_path, section):
 def test_every_preset_loads(preset):
     """Every shipped preset passes its typed schemas (a renamed key would otherwise surface only at train time)."""
     cfg = load_config(str(ROOT / "configs" / preset), ["output_dir=/tmp/unused"])
-    assert cfg.task.name in ("diffusion", "distill", "tokenizer")
+    assert cfg.task.name in ("diffusion", "distill", "tokenizer", "tokens")
+
+
+@pytest.mark.parametrize("depth,published", [(16, 310e6), (20, 600e6), (24, 1.0e9), (30, 2.0e9)])
+def test_imagenet_var_presets_build_the_official_sizes(depth, published):
+    """configs/imagenet256/var-d*.yaml over VAR's tokenizer (4,096 codes of dim 32, 10 scales = 680 tokens, 1,000
+    classes) build VAR-d{depth}: the parameter count of the official modules, counted here from their shapes
+    (per block 18 C^2 + 14 C + H; embeddings (32 + 1 + 1001 + 1 + 680 + 10) C; head_nm 2 C^2 + 2 C; head 4096 C + 4096;
+    C = 64 depth, H = depth), and the paper's rounded sizes (310M, 600M, 1.0B, 2.0B)."""
+    import torch
+
+    from genvis.models.var import VAR_SCALES
+    from genvis.registry import MODELS
+
+    cfg = load_config(str(ROOT / "configs" / "imagenet256" / f"var-d{depth}.yaml"), ["output_dir=/tmp/unused"])
+    with torch.device("meta"):
+        model = MODELS.get("var")(cfg.model, vocab_size=4096, token_dim=32, scales=VAR_SCALES, num_classes=1000)
+    c, h = 64 * depth, depth
+    official = depth * (18 * c * c + 14 * c + h) + 1725 * c + 2 * c * c + 2 * c + 4096 * c + 4096
+    assert model.num_params() == official
+    assert abs(official - published) / published < 0.05
+    assert cfg.train.lr == pytest.approx((8e-5 if depth >= 24 else 1e-4) * cfg.train.batch_size / 256)
 
 
 @pytest.mark.parametrize("preset,side,vocab,params", [("vq-16.yaml", (16, 16), 16384, 71_883_403),

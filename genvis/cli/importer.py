@@ -1,6 +1,7 @@
 """genvis import dit CKPT OUT_DIR --arch DiT-XL/2
 genvis import vq CKPT OUT_DIR [--layout auto|llamagen|taming] [--codebook-size K] [--codebook-dim D] [--image-channels C]
-genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]"""
+genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]
+genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]"""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,24 @@ def add_parser(subparsers) -> None:
                    help="token map sides, coarse to fine, e.g. 1,2,3,4,5,6,8,10,13,16 (default: VAR's, when the "
                    "checkpoint's quantize.ema_vocab_hit_SV has 10 rows; required otherwise)")
     r.set_defaults(func=run_var_vae)
+
+    a = sub.add_parser(
+        "var",
+        help="official VAR transformer (var_d16.pth .. var_d30.pth) -> a genvis VAR model folder",
+        description="Depth, width, heads, vocabulary and classes are read off the tensor shapes. The buffers VAR saves "
+        "(lvl_1L, attn_bias_for_masking, zero_k_bias) are checked against the rebuilt ones and dropped; any other "
+        "unknown or missing key stops the import. Loads with torch.load(weights_only=True).",
+    )
+    a.add_argument("checkpoint", metavar="CKPT", help="the official file (.pth or .safetensors)")
+    a.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
+    a.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="its multi-scale VQ tokenizer (`genvis import var-vae` of vae_ch160v4096z32.pth), checked against "
+                   "the model (vocabulary, code width, scales) and recorded so that `genvis sample OUT_DIR` needs no flag")
+    a.add_argument("--embed-tokenizer", action="store_true",
+                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
+    a.add_argument("--scales", type=_scales, default=None, metavar="LIST",
+                   help="token map sides, coarse to fine (default: the tokenizer's, else VAR's 1,2,3,4,5,6,8,10,13,16)")
+    a.set_defaults(func=run_var)
 
 
 def _scales(text: str):
@@ -174,4 +193,34 @@ def run_var_vae(args) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"imported var VQ-VAE ({params / 1e6:.2f}M parameters, f{model.downsample}, codebook {c['codebook_size']} x "
           f"{c['z_channels']}, scales {','.join(map(str, c['scales']))}{_dropped(converted)}) to {out}")
+    return 0
+
+
+def run_var(args) -> int:
+    from genvis.io import atomic_dir, unwrap_state_dict
+    from genvis.models.var import VAR, VAR_SCALES, convert_var_state_dict, load_var_strict
+    from genvis.samplers.tokens import check_var_tokenizer
+    from genvis.tokenizers import load_tokenizer, record_tokenizer
+
+    ckpt_path = Path(args.checkpoint)
+    raw = load_checkpoint_file(ckpt_path)
+    if not isinstance(raw, dict):
+        raise GenvisError(f"{ckpt_path}: expected a state dict or a training checkpoint dict, got {type(raw).__name__}")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    scales = args.scales or (list(tokenizer.scales) if getattr(tokenizer, "token_layout", None) == "scales" else VAR_SCALES)
+    config, state = convert_var_state_dict(unwrap_state_dict(raw), scales, str(ckpt_path))
+    model = VAR(**config)
+    load_var_strict(model, state, str(ckpt_path))
+    if tokenizer is not None:
+        try:
+            check_var_tokenizer(model, tokenizer)
+        except GenvisError as err:
+            raise GenvisError(f"--tokenizer {args.tokenizer}: {err}") from None
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    print(f"imported VAR-d{config['depth']} ({model.num_params() / 1e6:.2f}M parameters, vocabulary {config['vocab_size']}, "
+          f"{config['num_classes']} classes, scales {','.join(map(str, scales))}) to {out}")
     return 0

@@ -103,7 +103,8 @@ SAMPLING_FLAGS = {
     "sampler": "sampler", "steps": "steps", "grid": "grid", "grid_option": "grid_options", "option": "options",
     "cfg": "cfg", "cfg_channels": "cfg_channels", "cfg_interval": "cfg_interval", "cfg_schedule": "cfg_schedule",
     "stitch_small": "stitch_small", "stitch_fraction": "stitch_fraction", "cache_refresh": "cache_refresh",
-    "cache_keep_blocks": "cache_keep_blocks",
+    "cache_keep_blocks": "cache_keep_blocks", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature",
+    "smooth": "smooth",
 }
 FIELD_FLAGS = {**{field: "--" + dest.replace("_", "-") for dest, field in SAMPLING_FLAGS.items()}, "num": "--num-samples"}
 
@@ -120,9 +121,10 @@ def add_sampling_options(p) -> None:
     """The sampling flags of `genvis sample` and `genvis eval sample-fid`. Unset flags take the run's
     `sample:` defaults (a run directory or checkpoint), else the DiffusionSampling defaults."""
     from genvis.registry import SAMPLERS
-    from genvis.samplers.options import DiffusionSampling
+    from genvis.samplers.options import DiffusionSampling, VARSampling
 
-    d = {f.name: f.default for f in dataclasses.fields(DiffusionSampling) if f.default is not dataclasses.MISSING}
+    d = {f.name: f.default for schema in (VARSampling, DiffusionSampling) for f in dataclasses.fields(schema)
+         if f.default is not dataclasses.MISSING}
 
     def default(field):
         return f"default: the run's sample.{field}, else {d[field]}"
@@ -138,7 +140,8 @@ def add_sampling_options(p) -> None:
     g.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
                    help="sampler option, repeatable, e.g. order=3 or variant=bh1 (default: the run's, if --sampler is unset)")
     g.add_argument("--cfg", type=float, default=None, metavar="SCALE",
-                   help=f"classifier-free guidance scale, 1 = none ({default('cfg')})")
+                   help=f"classifier-free guidance scale, 1 = none; VAR: the scale reached at the last scale, growing "
+                   f"linearly from 1 (VAR's own cfg c is 1 + c here) ({default('cfg')})")
     g.add_argument("--cfg-channels", type=int, default=None, metavar="K",
                    help="guide only the first K output channels (official DiT: 3) (default: all)")
     g.add_argument("--cfg-interval", type=_interval, default=None, metavar="T_LO,T_HI",
@@ -154,6 +157,13 @@ def add_sampling_options(p) -> None:
                    help=f"DiT step caching: run the deep blocks every N-th call only, 1 = off ({default('cache_refresh')})")
     g.add_argument("--cache-keep-blocks", type=int, default=None, metavar="K",
                    help=f"blocks computed on every call when caching ({default('cache_keep_blocks')})")
+    t = p.add_argument_group("token generators (VAR)")
+    t.add_argument("--top-k", type=int, default=None, metavar="K", help=f"keep the K most likely ids, 0 = all ({default('top_k')})")
+    t.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help=f"then keep the smallest set of ids of probability >= P, 0 = all ({default('top_p')})")
+    t.add_argument("--temperature", type=float, default=None, metavar="T", help=f"logits / T ({default('temperature')})")
+    t.add_argument("--smooth", action="store_const", const=True, default=None,
+                   help="VAR's more_smooth: Gumbel-softmax code mixtures feed the next scale (visualisation, not FID)")
 
 
 def flag_error(err: OptionError) -> GenvisError:

@@ -6,6 +6,7 @@ Attention / Mlp / PatchEmbed), so official state dicts load without renaming.
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -106,6 +107,22 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         x = attention(q, k, v)  # B, H, N, Dh
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class KVCache:
+    """The keys and values an attention layer has seen, [B, H, n, D], grown along n by each call (decoding a
+    sequence in chunks: each chunk attends to everything before it without recomputing it)."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Add this call's k, v; returns all keys and values so far."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class Mlp(nn.Module):

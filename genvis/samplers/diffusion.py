@@ -49,11 +49,23 @@ def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, ca
     return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
 
 
+def check_tokenizer(model, tokenizer) -> None:
+    """The tokenizer (None: raw latents) must decode what the model generates."""
+    if tokenizer is not None and tokenizer.kind != "continuous":
+        raise GenvisError(f"a diffusion model generates continuous latents; {type(tokenizer).__name__} decodes token ids")
+    expected = tokenizer.latent_channels if tokenizer is not None else None
+    if expected is not None and expected != model.sample_shape[0]:
+        raise GenvisError(f"the tokenizer's latents have {expected} channels but the model generates "
+                          f"{model.sample_shape[0]}; give the tokenizer the model was trained with")
+
+
 @FAMILIES.register("diffusion", schema=DiffusionSampling)
 class DiffusionFamilySampler:
-    """Samples a diffusion-family `model` with `options` (their model paths already loaded)."""
+    """Samples a diffusion-family `model` with `options` (their model paths already loaded); `tokenizer`
+    (or None) is what will decode the latents, checked against the model."""
 
-    def __init__(self, model, options: DiffusionSampling):
+    def __init__(self, model, options: DiffusionSampling, tokenizer=None):
+        check_tokenizer(model, tokenizer)
         c = model.config
         self.model = model
         self.options = options

@@ -1,7 +1,8 @@
-"""How to sample a diffusion-family generator: one dataclass, validated once, when it is made.
+"""How to sample a generator: one dataclass per model family, validated once, when it is made.
 
 The run config's `sample:` section, the sampling flags shared by `genvis sample` and
-`genvis eval sample-fid`, and `genvis.generate` all carry a `DiffusionSampling`. Its fields are
+`genvis eval sample-fid`, and `genvis.generate` all carry the model family's dataclass
+(`DiffusionSampling`, `VARSampling`). Its fields are
 checked in `__post_init__`, so an instance is always valid; a bad value raises OptionError naming
 the field (the config loader reports it as `sample.<field>`, the CLI as `--<flag>`).
 
@@ -106,3 +107,40 @@ class DiffusionSampling(SampleDefaults):
 
         interval = tuple(self.cfg_interval) if self.cfg_interval is not None else None
         return CFG(self.cfg, interval=interval, schedule=self.cfg_schedule, channels=self.cfg_channels)
+
+
+@dataclass
+class VARSampling(SampleDefaults):
+    """Sampling options of VAR generators (genvis.samplers.tokens.decode_var).
+
+    Args:
+        cfg: classifier-free guidance scale reached at the last scale (1 = none). It grows linearly over the
+            S scales: s_k = 1 + (cfg - 1) k / (S - 1), logits = s_k cond - (s_k - 1) uncond. VAR's own
+            `cfg` c is genvis's 1 + c: its FID recipe, cfg 1.5, is cfg 2.5 here.
+        top_k: keep the k most likely ids of each token (0 = all). VAR's FID recipe: 900.
+        top_p: then keep the smallest set of ids whose probability reaches top_p (0 = all). VAR: 0.96.
+        temperature: the logits are divided by it before top-k / top-p (1 = VAR).
+        smooth: VAR's `more_smooth` (visualisation, not its FID protocol): each scale's codes enter the next
+            scale's input as a Gumbel-softmax mixture of the code vectors (tau = max(0.27 (1 - 0.95 k / (S - 1)),
+            0.005), logits x (1 + k / (S - 1))) instead of the sampled code.
+        kv_cache: decode each scale against the cached keys/values of the earlier ones (False: recompute the
+            whole prefix at every scale; the same images, slower, for benchmarks).
+    """
+
+    cfg: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    smooth: bool = False
+    kv_cache: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.cfg >= 1.0:
+            raise OptionError("cfg", f"{self.cfg}: expected >= 1 (1 = no guidance)")
+        if self.top_k < 0:
+            raise OptionError("top_k", f"{self.top_k}: expected >= 0 (0 = no top-k filtering)")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise OptionError("top_p", f"{self.top_p}: expected a value in [0, 1] (0 = no top-p filtering)")
+        if not self.temperature > 0.0:
+            raise OptionError("temperature", f"{self.temperature}: expected > 0")

@@ -355,6 +355,13 @@ class MultiScaleVQTokenizer(ConvAutoencoder, ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def decode(self, ids) -> torch.Tensor:
+        """ids (a list per scale, or [B, L]) -> images; a float [B, C, p, p] is taken as f_hat itself (what
+        VAR's smoothed decoding accumulates from code mixtures rather than ids)."""
+        if isinstance(ids, torch.Tensor) and ids.is_floating_point() and ids.dim() == 4:
+            side = self.scales[-1]
+            if tuple(ids.shape[1:]) != (self.quantize.dim, side, side):
+                raise GenvisError(f"features of shape {tuple(ids.shape)}: expected [B, {self.quantize.dim}, {side}, {side}]")
+            return self.reconstruct(ids)
         return self.reconstruct(self.quantize.f_hat(self.split(ids)))
 
     def teacher_forcing_input(self, ids) -> torch.Tensor:

@@ -30,7 +30,8 @@ STEP_RE = re.compile(r"^step_(\d{7})$")
 # Keys a rerun may change: they do not change what has been trained so far. The step size (lr, warm-up,
 # clipping) is among them because lowering it is the remedy the non-finite guard suggests.
 RESUMABLE_KEYS = ("output_dir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.sample_every", "data.num_workers", "train.lr", "train.warmup_steps", "train.grad_clip")
+                  "train.sample_every", "data.num_workers", "train.lr", "train.warmup_steps", "train.grad_clip",
+                  "train.lr_schedule", "train.lr_end_ratio")
 RESUMABLE_SECTIONS = ("sample.",)
 
 
@@ -112,7 +113,7 @@ def check_rerun(out: Path, new: dict) -> Dict[str, tuple]:
     if refused:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
         raise TrainingError(f"{out} was made with another config; these keys differ: {listed}. A rerun may change only "
-                            f"train.steps (upward), train.lr/warmup_steps/grad_clip, the log/checkpoint/sample cadences "
+                            f"train.steps (upward), train.lr/warmup_steps/lr_schedule/lr_end_ratio/grad_clip, the log/checkpoint/sample cadences "
                             f"and sample.*; use a new output_dir")
     return allowed
 

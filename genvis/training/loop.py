@@ -14,12 +14,14 @@ restoring either.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from genvis.config import RunConfig, to_dict, to_yaml
 from genvis.data import build_dataset
@@ -106,8 +108,30 @@ def _flat_hparams(cfg: RunConfig) -> Dict[str, object]:
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
-    warm = cfg.train.warmup_steps
-    return cfg.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+    """Linear warmup over warmup_steps, then constant, or a linear / cosine decay reaching lr * lr_end_ratio at
+    the last step."""
+    t = cfg.train
+    warm = t.warmup_steps
+    if warm and step < warm:
+        return t.lr * (step + 1) / warm
+    if t.lr_schedule == "constant":
+        return t.lr
+    done = (step - warm) / max(t.steps - 1 - warm, 1)  # 0 after warmup .. 1 at the last step
+    shape = 1 - done if t.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+    return t.lr * (t.lr_end_ratio + (1 - t.lr_end_ratio) * shape)
+
+
+def param_groups(modules: Dict[str, nn.Module], names, weight_decay: float) -> List[dict]:
+    """AdamW groups over the trainable parameters of `names`: those a module lists in its `no_weight_decay()`
+    (e.g. VAR's biases and embeddings) train without weight decay."""
+    decay, plain = [], []
+    for name in names:
+        module = modules[name]
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for key, p in module.named_parameters():
+            if p.requires_grad:
+                (plain if key in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}] + ([{"params": plain, "weight_decay": 0.0}] if plain else [])
 
 
 def check_finite(value: Optional[torch.Tensor], what: str, step: int, out: Path) -> None:
@@ -178,8 +202,8 @@ def train(cfg: RunConfig) -> Path:
             modules[name].to(device).eval().requires_grad_(False)
     emas = {name: EMA(modules[name], decay=t.ema_decay, warmup=t.ema_warmup) for name in task.ema_modules}
     params = {spec.name: [p for m in spec.modules for p in modules[m].parameters() if p.requires_grad] for spec in specs}
-    optimizers = {spec.name: torch.optim.AdamW(params[spec.name], lr=t.lr * spec.lr_scale, weight_decay=t.weight_decay,
-                                               betas=tuple(t.betas)) for spec in specs}
+    optimizers = {spec.name: torch.optim.AdamW(param_groups(modules, spec.modules, t.weight_decay), lr=t.lr * spec.lr_scale,
+                                               weight_decay=t.weight_decay, betas=tuple(t.betas)) for spec in specs}
     prepared = accelerator.prepare(*[modules[n] for n in trainable], *optimizers.values())
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     modules.update(zip(trainable, prepared[: len(trainable)]))

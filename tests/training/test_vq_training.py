@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from cli_run import genvis, train
+from tiny_runs import MSVQ, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[2]
 VQ = str(ROOT / "configs" / "digits" / "vq.yaml")
-MSVQ = str(ROOT / "configs" / "digits" / "msvq.yaml")
-# tiny widths; usage decays fast and the threshold is high so that dead codes restart within a few steps
-TINY = ["tokenizer.ch=16", "tokenizer.norm_groups=8", "tokenizer.z_channels=16", "tokenizer.codebook_size=64",
-        "tokenizer.usage_decay=0.5", "tokenizer.restart_threshold=0.5", "task.disc_channels=16", "train.batch_size=16",
-        "train.log_every=1", "train.mixed_precision=fp32", "train.keep_checkpoints=0", "train.warmup_steps=0"]
 VQ_ARGS = [*TINY, "tokenizer.ema=true", "train.checkpoint_every=20", "task.disc_start=20"]
 
 
@@ -118,14 +112,13 @@ def test_two_processes_restart_the_same_codes_as_one(tmp_path, scalars):
     assert (a["quantize.embedding.weight"] - b["quantize.embedding.weight"]).abs().max() < 2e-3  # Adam on rounding
 
 
-def test_multiscale_training_logs_every_scale_and_extracts_concatenated_ids(tmp_path, scalars):
+def test_multiscale_training_logs_every_scale_and_extracts_concatenated_ids(tiny_msvq, tmp_path, scalars):
     from genvis.data import DataConfig, build_dataset
     from genvis.data.latents import LatentsDataset
     from genvis.tokenizers import load_tokenizer
     from genvis.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
-    run = tmp_path / "msvq"
-    stdout = train(MSVQ, run, *TINY, "train.steps=30", "train.checkpoint_every=0", "task.disc_start=15")
+    run, stdout = tiny_msvq
     assert "30 ids of a 64-code vocabulary" in stdout
     rec = scalars(run, "train/reconstruction")
     assert np.mean(rec[-5:]) < 0.7 * np.mean(rec[:5]), (rec[:5], rec[-5:])
