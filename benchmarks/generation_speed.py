@@ -50,7 +50,7 @@ def imagenet_rows(batch: int, device: str) -> None:
 
     def run(cache: bool):
         gens = sample_generators(0, range(batch))
-        return decode_var(model, quantizer, labels, generators=gens, cfg=2.5, top_k=900, top_p=0.96, kv_cache=cache,
+        return decode_var(model, labels, quantizer=quantizer, generators=gens, cfg=2.5, top_k=900, top_p=0.96, kv_cache=cache,
                           autocast=lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype))
 
     run(True)  # warm-up

@@ -96,6 +96,8 @@ def run_dit(args) -> int:
     from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
     from genvis.tokenizers import record_tokenizer
 
+    if args.embed_tokenizer and args.tokenizer is None:
+        raise GenvisError("--embed-tokenizer: needs --tokenizer DIR (the tokenizer to copy)")
     try:
         size, patch = parse_arch(args.arch)
     except ValueError as err:
@@ -202,6 +204,8 @@ def run_var(args) -> int:
     from genvis.samplers.tokens import check_var_tokenizer
     from genvis.tokenizers import load_tokenizer, record_tokenizer
 
+    if args.embed_tokenizer and args.tokenizer is None:
+        raise GenvisError("--embed-tokenizer: needs --tokenizer DIR (the tokenizer to copy)")
     ckpt_path = Path(args.checkpoint)
     raw = load_checkpoint_file(ckpt_path)
     if not isinstance(raw, dict):

@@ -104,7 +104,7 @@ SAMPLING_FLAGS = {
     "cfg": "cfg", "cfg_channels": "cfg_channels", "cfg_interval": "cfg_interval", "cfg_schedule": "cfg_schedule",
     "stitch_small": "stitch_small", "stitch_fraction": "stitch_fraction", "cache_refresh": "cache_refresh",
     "cache_keep_blocks": "cache_keep_blocks", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature",
-    "smooth": "smooth",
+    "smooth": "smooth", "kv_cache": "kv_cache",
 }
 FIELD_FLAGS = {**{field: "--" + dest.replace("_", "-") for dest, field in SAMPLING_FLAGS.items()}, "num": "--num-samples"}
 
@@ -162,8 +162,12 @@ def add_sampling_options(p) -> None:
     t.add_argument("--top-p", type=float, default=None, metavar="P",
                    help=f"then keep the smallest set of ids of probability >= P, 0 = all ({default('top_p')})")
     t.add_argument("--temperature", type=float, default=None, metavar="T", help=f"logits / T ({default('temperature')})")
-    t.add_argument("--smooth", action="store_const", const=True, default=None,
-                   help="VAR's more_smooth: Gumbel-softmax code mixtures feed the next scale (visualisation, not FID)")
+    t.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="VAR's more_smooth: Gumbel-softmax code mixtures feed the next scale (visualisation, not FID) "
+                   f"({default('smooth')})")
+    t.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"decode each scale against the cached keys/values of the earlier ones; --no-kv-cache recomputes "
+                   f"the whole prefix (the same images, slower) ({default('kv_cache')})")
 
 
 def flag_error(err: OptionError) -> GenvisError:

@@ -24,7 +24,7 @@ labels even in eval mode).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from genvis.errors import ConfigError
+from genvis.errors import ConfigError, GenvisError
 from genvis.models.layers import KVCache, Mlp
 from genvis.registry import MODELS
 
@@ -131,9 +131,14 @@ def scale_ranges(scales: Sequence[int]) -> List[Tuple[int, int]]:
     return out
 
 
+def scale_levels(scales: Sequence[int]) -> torch.Tensor:
+    """[L] long: the scale index of each token (VAR's lvl_1L without its batch axis)."""
+    return torch.cat([torch.full((p * p,), k, dtype=torch.long) for k, p in enumerate(scales)])
+
+
 def block_causal_mask(scales: Sequence[int]) -> torch.Tensor:
     """[L, L] bool: token i may attend to token j when j's scale is not after i's (VAR's attn_bias_for_masking)."""
-    level = torch.cat([torch.full((p * p,), k) for k, p in enumerate(scales)])
+    level = scale_levels(scales)
     return level[:, None] >= level[None, :]
 
 
@@ -159,6 +164,8 @@ class VAR(ModelMixin, ConfigMixin):
                  num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024, num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_eps: float = 1e-6, attn_l2_norm: bool = True, drop_path_rate: float = 0.0):
         super().__init__()
+        if not scales or any(int(p) < 1 for p in scales):
+            raise ConfigError(f"VAR scales {list(scales)}: expected a non-empty list of positive token map sides")
         self.scales = tuple(int(p) for p in scales)
         self.ranges = scale_ranges(self.scales)
         self.num_tokens = self.ranges[-1][1]
@@ -175,8 +182,7 @@ class VAR(ModelMixin, ConfigMixin):
         self.head_nm = AdaLNBeforeHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
 
-        level = torch.cat([torch.full((p * p,), k, dtype=torch.long) for k, p in enumerate(self.scales)])
-        self.register_buffer("lvl_1L", level[None], persistent=False)
+        self.register_buffer("lvl_1L", scale_levels(self.scales)[None], persistent=False)
         self.register_buffer("mask_LL", block_causal_mask(self.scales), persistent=False)
         self.initialize_weights()
 
@@ -218,7 +224,8 @@ class VAR(ModelMixin, ConfigMixin):
         """Tokens [B, p_k^2, C] of scale k >= 1 from its teacher-forcing input [B, p_k^2, token_dim]."""
         begin, end = self.ranges[k]
         lvl_pos = self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
-        return self.word_embed(x_BlCv.float()) + lvl_pos
+        with torch.autocast(device_type=x_BlCv.device.type, enabled=False):  # fp32, as VAR's forward and decoding
+            return self.word_embed(x_BlCv.float()) + lvl_pos
 
     def run(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mask: Optional[torch.Tensor] = None,
             caches: Optional[List[KVCache]] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -231,19 +238,21 @@ class VAR(ModelMixin, ConfigMixin):
     def forward(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher forcing. labels [B] (num_classes = null); x_BLCv_wo_first_l [B, L - first_l, token_dim]
         (MultiScaleQuantizer.teacher_forcing_input). Returns logits [B, L, V]: position i predicts token i."""
+        expected = (labels.shape[0], self.num_tokens - self.first_l, self.config.token_dim)
+        if tuple(x_BLCv_wo_first_l.shape) != expected:
+            raise GenvisError(f"teacher-forcing input of shape {tuple(x_BLCv_wo_first_l.shape)}: expected {list(expected)} "
+                              f"(the scales {list(self.scales)} after the first, code width {self.config.token_dim})")
         cond_BD = self.class_emb(labels)
-        b = labels.shape[0]
         rest = [self.embed_scale(k, x) for k, x in
                 enumerate(x_BLCv_wo_first_l.split([p * p for p in self.scales[1:]], dim=1), start=1)]
         x_BLC = torch.cat([self.start_tokens(cond_BD), *rest], dim=1)
-        assert x_BLC.shape[:2] == (b, self.num_tokens), f"teacher-forcing input {tuple(x_BLCv_wo_first_l.shape)}"
         return self.run(x_BLC, cond_BD, self.mask_LL, keep=keep)
 
     def new_caches(self) -> List[KVCache]:
         """One empty KV cache per block, for a decoding run (`run(..., caches=...)`)."""
         return [KVCache() for _ in self.blocks]
 
-    def keep_rates(self) -> torch.Tensor:
+    def drop_rates(self) -> torch.Tensor:
         """[depth]: stochastic depth drop probability of each block (linear from 0 to drop_path_rate)."""
         return torch.linspace(0, self.config.drop_path_rate, len(self.blocks))
 
@@ -348,8 +357,6 @@ def convert_var_state_dict(state: Dict[str, torch.Tensor], scales: Sequence[int]
     """(constructor arguments, state dict for VAR) from an official var_d* state dict, checked strictly: the
     buffers VAR saves (lvl_1L, attn_bias_for_masking, blocks.*.attn.zero_k_bias) must equal what genvis rebuilds
     and are dropped; anything else unknown or missing is named (first few) in one line."""
-    from genvis.errors import GenvisError
-
     needed = ("pos_1LC", "class_emb.weight", "word_embed.weight", "head.weight", "blocks.0.ffn.fc1.weight")
     missing = [k for k in needed if k not in state]
     if missing:
@@ -361,7 +368,7 @@ def convert_var_state_dict(state: Dict[str, torch.Tensor], scales: Sequence[int]
     config = infer_var_config(state, scales)
     if config["embed_dim"] % config["num_heads"]:
         raise GenvisError(f"{where}: width {config['embed_dim']} is not divisible by {config['num_heads']} heads")
-    expected = {"lvl_1L": torch.cat([torch.full((p * p,), k) for k, p in enumerate(scales)])[None],
+    expected = {"lvl_1L": scale_levels(scales)[None],
                 "attn_bias_for_masking": torch.where(block_causal_mask(scales), 0.0, -torch.inf)[None, None]}
     out = {}
     for key, value in state.items():
@@ -376,8 +383,6 @@ def convert_var_state_dict(state: Dict[str, torch.Tensor], scales: Sequence[int]
 
 def load_var_strict(model: VAR, state: Dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict) with one line naming missing / unexpected keys (first five) or a shape mismatch."""
-    from genvis.errors import GenvisError
-
     own = model.state_dict()
     for key in own.keys() & state.keys():
         if own[key].shape != state[key].shape:

@@ -42,17 +42,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 
 
 def draw_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """ids [B, l]: token j of sample i drawn from softmax(logits[i, j]) with generators[i] (multinomial)."""
+    """ids [B, l]: token j of sample i drawn from softmax(logits[i, j]) with generators[i] (multinomial, on the
+    generator's device)."""
     probs = logits.float().softmax(dim=-1)
-    out = [torch.multinomial(probs[i].cpu(), 1, generator=g)[:, 0] for i, g in enumerate(generators)]
-    return torch.stack(out).to(logits.device)
+    if all(g.device.type == "cpu" for g in generators):
+        probs = probs.cpu()
+    out = [torch.multinomial(probs[i].to(g.device), 1, generator=g)[:, 0].to(logits.device) for i, g in enumerate(generators)]
+    return torch.stack(out)
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """softmax((logits + Gumbel noise) / tau) [B, l, V], sample i's noise from generators[i] (VAR's
     gumbel_softmax_with_rng, soft)."""
-    noise = torch.stack([-torch.empty(logits.shape[1:]).exponential_(generator=g).log() for g in generators])
-    return ((logits + noise.to(logits.device)) / tau).softmax(dim=-1)
+    noise = torch.stack([-torch.empty(logits.shape[1:], device=g.device).exponential_(generator=g).log().to(logits.device)
+                         for g in generators])
+    return ((logits + noise) / tau).softmax(dim=-1)
 
 
 def guidance_scale(cfg: float, k: int, num_scales: int) -> float:
@@ -61,7 +65,7 @@ def guidance_scale(cfg: float, k: int, num_scales: int) -> float:
 
 
 @torch.no_grad()
-def decode_var(model, quantizer, labels: torch.Tensor, *, generators: Sequence[torch.Generator], cfg: float = 1.0,
+def decode_var(model, labels: torch.Tensor, *, quantizer, generators: Sequence[torch.Generator], cfg: float = 1.0,
                top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, smooth: bool = False,
                kv_cache: bool = True, autocast: Callable = nullcontext, callback: Optional[Callable] = None) -> torch.Tensor:
     """Sample VAR for `labels` [B]. quantizer: the tokenizer's MultiScaleQuantizer (code vectors, phi, f_hat).
@@ -71,6 +75,8 @@ def decode_var(model, quantizer, labels: torch.Tensor, *, generators: Sequence[t
     cfg, top_k, top_p, temperature, smooth, kv_cache: see genvis.samplers.options.VARSampling.
     """
     b, scales = len(labels), model.scales
+    if len(generators) != b:
+        raise GenvisError(f"{len(generators)} generators for {b} labels: give one per sample")
     num = len(scales)
     guided = cfg != 1.0
     y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
@@ -138,6 +144,6 @@ class VARFamilySampler:
 
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         o = self.options
-        return decode_var(self.model, self.quantizer, labels, generators=generators, cfg=o.cfg, top_k=o.top_k,
+        return decode_var(self.model, labels, quantizer=self.quantizer, generators=generators, cfg=o.cfg, top_k=o.top_k,
                           top_p=o.top_p, temperature=o.temperature, smooth=o.smooth, kv_cache=o.kv_cache,
                           autocast=autocast, callback=callback)

@@ -187,7 +187,7 @@ LABELS = torch.tensor([3, 0, 4, 1])
                                                          (2.5, 10, 0.9, 0.7)])
 def test_decode_equals_the_plain_loop(var, tokenizer, spy, cfg, top_k, top_p, temperature):
     options = dict(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature)
-    got = decode_var(var, tokenizer.quantize, LABELS, generators=gens(range(4)), **options)
+    got = decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=gens(range(4)), **options)
     assert got.shape == (4, 30) and got.dtype == torch.int64
     assert 0 <= got.min() and got.max() < VOCAB
     expected, _, logits = reference_decode(var, tokenizer.quantize, LABELS, gens(range(4)), **options)
@@ -203,30 +203,39 @@ def test_decode_equals_the_plain_loop(var, tokenizer, spy, cfg, top_k, top_p, te
 
 def test_guidance_changes_the_logits(var, tokenizer, spy):
     """cfg pushes the logits away from the unconditional ones from the second scale on (not at the first)."""
-    decode_var(var, tokenizer.quantize, LABELS, generators=gens(range(4)), cfg=1.0)
-    decode_var(var, tokenizer.quantize, LABELS, generators=gens(range(4)), cfg=3.0)
+    decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=gens(range(4)), cfg=1.0)
+    decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=gens(range(4)), cfg=3.0)
     plain, guided = spy[:4], spy[4:]
     torch.testing.assert_close(plain[0], guided[0], rtol=0, atol=1e-5)  # s_0 = 1
     assert (plain[1] - guided[1]).abs().max() > 0.1
 
 
+def test_the_guided_path_at_scale_one_equals_unguided_decoding(var, tokenizer, monkeypatch):
+    """cfg 1 skips the unconditional half; the guided path (doubled batch, null-class rows, combination) with
+    s_k = 1 at every scale must draw the same ids."""
+    plain = decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=gens(range(4)), top_k=10)
+    monkeypatch.setattr(tokens, "guidance_scale", lambda cfg, k, num: 1.0)
+    guided = decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=gens(range(4)), cfg=3.0, top_k=10)
+    assert torch.equal(plain, guided)
+
+
 def test_decoding_is_seeded_and_batch_independent(var, tokenizer):
     q = tokenizer.quantize
     for options in (dict(), dict(cfg=2.5, top_k=10, top_p=0.9)):
-        together = decode_var(var, q, LABELS, generators=gens(range(4)), **options)
-        again = decode_var(var, q, LABELS, generators=gens(range(4)), **options)
+        together = decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), **options)
+        again = decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), **options)
         assert torch.equal(together, again)
-        alone = torch.cat([decode_var(var, q, LABELS[i:i + 1], generators=gens([i]), **options) for i in range(4)])
+        alone = torch.cat([decode_var(var, LABELS[i:i + 1], quantizer=q, generators=gens([i]), **options) for i in range(4)])
         assert torch.equal(together, alone)
         # another seed, other ids; the same seed for all four: they differ only by their labels
-        assert not torch.equal(decode_var(var, q, LABELS, generators=gens(range(10, 14)), **options), together)
+        assert not torch.equal(decode_var(var, LABELS, quantizer=q, generators=gens(range(10, 14)), **options), together)
         # without the KV cache: the same ids
-        assert torch.equal(decode_var(var, q, LABELS, generators=gens(range(4)), kv_cache=False, **options), together)
+        assert torch.equal(decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), kv_cache=False, **options), together)
 
 
 def test_callback_reports_each_scale(var, tokenizer):
     seen = []
-    ids = decode_var(var, tokenizer.quantize, LABELS[:2], generators=gens([0, 1]), callback=seen.append)
+    ids = decode_var(var, LABELS[:2], quantizer=tokenizer.quantize, generators=gens([0, 1]), callback=seen.append)
     assert [info["scale"] for info in seen] == list(range(len(SCALES)))
     assert torch.equal(torch.cat([info["ids"] for info in seen], dim=1), ids)
 
@@ -241,7 +250,7 @@ def test_generate_does_not_depend_on_the_batch_size(var, tokenizer):
     torch.testing.assert_close(one, four, rtol=0, atol=1e-5)
     torch.testing.assert_close(three, four, rtol=0, atol=1e-5)
     # sample i is decode_var with the generator of (seed, i)
-    ids = decode_var(var, tokenizer.quantize, LABELS, generators=sample_generators(7, range(4)), cfg=2.0, top_k=8)
+    ids = decode_var(var, LABELS, quantizer=tokenizer.quantize, generators=sample_generators(7, range(4)), cfg=2.0, top_k=8)
     torch.testing.assert_close(four, tokenizer.decode(ids).float(), rtol=0, atol=1e-5)
     assert not torch.allclose(four, generate(var, tokenizer, LABELS, seed=8, sampling=sampling, batch_size=4,
                                              precision="fp32"))
@@ -267,15 +276,15 @@ def test_a_tokenizer_that_does_not_fit_is_one_line(var):
 
 def test_smooth_returns_features_the_tokenizer_decodes(var, tokenizer):
     q = tokenizer.quantize
-    f_hat = decode_var(var, q, LABELS, generators=gens(range(4)), smooth=True, cfg=2.0)
+    f_hat = decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), smooth=True, cfg=2.0)
     assert f_hat.shape == (4, Z, 4, 4) and f_hat.dtype == torch.float32 and torch.isfinite(f_hat).all()
     _, expected, _ = reference_decode(var, q, LABELS, gens(range(4)), cfg=2.0, smooth=True)
     torch.testing.assert_close(f_hat, expected, rtol=1e-4, atol=1e-4)
     images = tokenizer.decode(f_hat)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
     # seeded, and mixtures rather than the codes of the drawn ids
-    assert torch.equal(decode_var(var, q, LABELS, generators=gens(range(4)), smooth=True, cfg=2.0), f_hat)
-    ids = decode_var(var, q, LABELS, generators=gens(range(4)), cfg=2.0)
+    assert torch.equal(decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), smooth=True, cfg=2.0), f_hat)
+    ids = decode_var(var, LABELS, quantizer=q, generators=gens(range(4)), cfg=2.0)
     assert not torch.allclose(q.f_hat(tokenizer.split(ids)), f_hat, atol=1e-3)
     # through generate: images
     out = generate(var, tokenizer, LABELS[:2], seed=0, sampling=VARSampling(smooth=True), batch_size=2,

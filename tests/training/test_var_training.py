@@ -57,7 +57,8 @@ def test_var_training_reduces_the_loss_and_samples_with_no_flags(trained_var, ti
     assert arr.shape == (10, 16, 16, 3)
     # the CLI's images are the recorded tokenizer's decoding of the VAR's ids for seeds (0, i)
     tokenizer = load_tokenizer(trained_var)
-    assert tokenizer.source == str((tiny_msvq[0] / "model").resolve()) or tokenizer.vocab_size == 64
+    assert tokenizer.source == str((trained_var / "model" / "tokenizer").resolve())  # embedded (tokenizer.embed)
+    assert torch.equal(tokenizer.quantize.embedding.weight, load_tokenizer(tiny_msvq[0]).quantize.embedding.weight)
     images = generate(model, tokenizer, class_labels(10, 10), seed=0)
     expected = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(arr[..., :1], expected)

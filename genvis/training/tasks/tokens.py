@@ -83,7 +83,7 @@ class TokensTask(Task):
             PartialState().print(inherit_weights(model, cfg.model.init_from).summary())
         self.null_label = data.num_classes
         self.label_dropout = cfg.model.class_dropout
-        self.drop_rates = model.keep_rates()
+        self.drop_rates = model.drop_rates()
         weights = torch.cat([torch.full((p * p,), 1.0 / (len(model.scales) * p * p)) for p in model.scales]) \
             if cfg.task.scale_weighting == "scale" else torch.full((model.num_tokens,), 1.0 / model.num_tokens)
         self.weights = weights
