@@ -18,9 +18,10 @@ up with a handful of codes): the per-scale usage is tracked (ema_vocab_hit_SV, a
 assignment fractions) and logged, and codes are restarted per scale from that scale's own vectors
 (`plan_restarts`). A scale's coverage is the number of codes it uses over the codes it can reach in the
 usage window, min(K, p*p * global batch / (1 - usage_decay)). Dead codes (usage below restart_threshold / K)
-go one by one to the scale of lowest coverage; then a scale still under `coverage_target` (0.5) takes up to 1%
-of the codebook per step from the least-used codes it does not use. A shared codebook otherwise drifts to the fine
-scales, which offer most of the vectors, and the 1x1 scale keeps the few codes it started with.
+go one by one to the scale of lowest coverage; then a scale still under `coverage_target` (default 0.5; the
+digits preset 1.0) takes up to 1% of the codebook per step from the least-used codes it does not use. A shared
+codebook otherwise drifts to the fine scales, which offer most of the vectors, and the 1x1 scale keeps the
+few codes it started with.
 
 `teacher_forcing_input(ids)` builds the VAR transformer's input from the ids (VAR's idxBl_to_var_input) and
 `accumulate(k, f_hat, h)` is one step of decoding (VAR's get_next_autoregressive_input).
