@@ -99,3 +99,23 @@ class Task:
     def describe(self) -> str:
         """A few words for the run's first log line."""
         return self.cfg.task.name
+
+
+class GeneratorTask(Task):
+    """A task training a class-conditional generator "model" over `self.tokenizer` (set by `build`, with
+    `self.tokenizer_source` its folder or None): previews sample it, the export records the tokenizer."""
+
+    def preview(self, modules: Dict[str, nn.Module], path: Path) -> None:
+        from genvis.generate import class_labels, generate, save_grid, to_uint8
+
+        model = modules["model"]
+        labels = class_labels(self.cfg.sample.num, model.num_classes)
+        images = generate(model, self.tokenizer, labels, seed=self.cfg.seed, sampling=self.cfg.sample,
+                          precision=self.cfg.train.mixed_precision)
+        save_grid(to_uint8(images), path, nrow=min(model.num_classes, len(labels)))
+
+    def export(self, modules: Dict[str, nn.Module], folder: Path) -> None:
+        from genvis.tokenizers import record_tokenizer
+
+        modules["model"].save_pretrained(str(folder), safe_serialization=True)
+        record_tokenizer(folder, self.tokenizer, self.tokenizer_source, self.cfg.tokenizer.embed)

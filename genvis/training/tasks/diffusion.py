@@ -17,8 +17,8 @@ from genvis.diffusion.objectives import objective_for
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import ConfigError
 from genvis.registry import MODELS, TASKS
-from genvis.tokenizers import build_tokenizer, record_tokenizer
-from genvis.training.tasks.base import DataInfo, OptimizerSpec, Task
+from genvis.tokenizers import build_tokenizer
+from genvis.training.tasks.base import DataInfo, GeneratorTask, OptimizerSpec
 
 OBJECTIVES = ("eps", "v", "flow")
 PREDICTION = {"eps": "eps", "v": "v", "flow": "velocity"}
@@ -55,7 +55,7 @@ class DiffusionTaskConfig:
 
 
 @TASKS.register("diffusion", schema=DiffusionTaskConfig)
-class DiffusionTask(Task):
+class DiffusionTask(GeneratorTask):
     """Modules: "model" (trained, EMA, exported) and "tokenizer" (frozen; the identity for pixels)."""
 
     def build(self, data: DataInfo) -> Dict[str, torch.nn.Module]:
@@ -116,19 +116,6 @@ class DiffusionTask(Task):
         labels = torch.where(draws["drop"].to(labels.device), torch.full_like(labels, self.null_label), labels)
         loss = self.objective.loss(modules["model"], x0, draws["times"], draws["noise"].to(x0.device), y=labels)
         return {"model": loss.mean()}
-
-    def preview(self, modules, path: Path) -> None:
-        from genvis.generate import class_labels, generate, save_grid, to_uint8
-
-        model = modules["model"]
-        labels = class_labels(self.cfg.sample.num, model.num_classes)
-        images = generate(model, self.tokenizer, labels, seed=self.cfg.seed, sampling=self.cfg.sample,
-                          precision=self.cfg.train.mixed_precision)
-        save_grid(to_uint8(images), path, nrow=min(model.num_classes, len(labels)))
-
-    def export(self, modules, folder: Path) -> None:
-        modules["model"].save_pretrained(str(folder), safe_serialization=True)
-        record_tokenizer(folder, self.tokenizer, self.tokenizer_source, self.cfg.tokenizer.embed)
 
     def describe(self) -> str:
         return f"{self.arch} ({self.cfg.task.objective} objective, {self.cfg.task.schedule} schedule)"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from genvis.errors import ConfigError
 from genvis.registry import MODELS, TASKS
-from genvis.tokenizers import build_tokenizer, record_tokenizer
-from genvis.training.tasks.base import DataInfo, OptimizerSpec, Task
+from genvis.tokenizers import build_tokenizer
+from genvis.training.tasks.base import DataInfo, GeneratorTask, OptimizerSpec
 
 WEIGHTINGS = ("token", "scale")
 
@@ -43,7 +43,7 @@ class TokensTaskConfig:
 
 
 @TASKS.register("tokens", schema=TokensTaskConfig)
-class TokensTask(Task):
+class TokensTask(GeneratorTask):
     """Modules: "model" (trained, EMA, exported) and "tokenizer" (frozen, discrete)."""
 
     def build(self, data: DataInfo) -> Dict[str, torch.nn.Module]:
@@ -126,19 +126,6 @@ class TokensTask(Task):
             hit = (logits.argmax(dim=-1) == ids).float()
         return {"model": loss, "log/accuracy": hit.mean(), "log/accuracy_last_scale": hit[:, -self.last:].mean(),
                 "log/ce_last_scale": ce[:, -self.last:].mean().detach()}
-
-    def preview(self, modules, path: Path) -> None:
-        from genvis.generate import class_labels, generate, save_grid, to_uint8
-
-        model = modules["model"]
-        labels = class_labels(self.cfg.sample.num, model.num_classes)
-        images = generate(model, self.tokenizer, labels, seed=self.cfg.seed, sampling=self.cfg.sample,
-                          precision=self.cfg.train.mixed_precision)
-        save_grid(to_uint8(images), path, nrow=min(model.num_classes, len(labels)))
-
-    def export(self, modules, folder: Path) -> None:
-        modules["model"].save_pretrained(str(folder), safe_serialization=True)
-        record_tokenizer(folder, self.tokenizer, self.tokenizer_source, self.cfg.tokenizer.embed)
 
     def describe(self) -> str:
         return f"{self.arch} on {self.tokenizer_source} ({self.cfg.task.scale_weighting}-weighted cross-entropy)"
