@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from genvis.errors import GenvisError
 from genvis.registry import FAMILIES

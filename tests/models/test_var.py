@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from genvis.cli import main
 from genvis.errors import GenvisError

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from genvis.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -104,6 +106,20 @@ class Task:
 class GeneratorTask(Task):
     """A task training a class-conditional generator "model" over `self.tokenizer` (set by `build`, with
     `self.tokenizer_source` its folder or None): previews sample it, the export records the tokenizer."""
+
+    def locate_tokenizer(self, data: DataInfo, what: str) -> Tuple[Optional[str], bool]:
+        """(the tokenizer folder to load, or None for pixels; whether batches are images to encode): the folder
+        that made pre-extracted `what` (latents, ids) when the data are such, else tokenizer.path."""
+        cfg = self.cfg
+        if cfg.tokenizer.arch is not None:
+            raise ConfigError(f"key 'tokenizer.arch': a generator trains on a trained tokenizer's {what}: set "
+                              "tokenizer.path (tokenizer.arch builds a new tokenizer, for task.name=tokenizer)")
+        if data.encoded_by is None:
+            return cfg.tokenizer.path, True
+        if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).resolve() != Path(data.encoded_by).resolve():
+            raise ConfigError(f"key 'tokenizer.path': the {what} in {cfg.data.path} were made by {data.encoded_by}, "
+                              f"not {cfg.tokenizer.path}; leave tokenizer.path unset for extracted {what}")
+        return data.encoded_by, False
 
     def preview(self, modules: Dict[str, nn.Module], path: Path) -> None:
         from genvis.generate import class_labels, generate, save_grid, to_uint8

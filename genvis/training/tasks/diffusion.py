@@ -8,7 +8,6 @@ are dropped to the null class (classifier-free guidance). The loss is the object
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict
 
 import torch
@@ -64,20 +63,9 @@ class DiffusionTask(GeneratorTask):
         if entry.meta.get("family") != "diffusion":
             raise ConfigError(f"key 'task.name': diffusion training needs a diffusion-family model; "
                               f"model.arch {cfg.model.arch!r} is {entry.meta.get('family')!r}")
-        if cfg.tokenizer.arch is not None:
-            raise ConfigError("key 'tokenizer.arch': a generator trains in a trained tokenizer's space: set tokenizer.path "
-                              "(tokenizer.arch builds a new tokenizer, for task.name=tokenizer)")
-        if data.encoded_by is not None:  # pre-extracted latents: the tokenizer that made them, no encoding here
-            if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).resolve() != Path(data.encoded_by).resolve():
-                raise ConfigError(f"key 'tokenizer.path': the latents in {cfg.data.path} were made by {data.encoded_by}, "
-                                  f"not {cfg.tokenizer.path}; leave tokenizer.path unset for latents")
-            self.tokenizer_source, self.encode = data.encoded_by, False
-            self.tokenizer = build_tokenizer(self.tokenizer_source)
-            self.sample_shape = tuple(data.image_shape)
-        else:
-            self.tokenizer_source, self.encode = cfg.tokenizer.path, True
-            self.tokenizer = build_tokenizer(self.tokenizer_source)
-            self.sample_shape = tuple(self.tokenizer.latent_shape(data.image_shape))
+        self.tokenizer_source, self.encode = self.locate_tokenizer(data, "latents")
+        self.tokenizer = build_tokenizer(self.tokenizer_source)
+        self.sample_shape = tuple(self.tokenizer.latent_shape(data.image_shape) if self.encode else data.image_shape)
         if self.tokenizer.kind != "continuous":
             raise ConfigError(f"key 'tokenizer.path': {self.tokenizer_source} is a discrete tokenizer "
                               f"({type(self.tokenizer).__name__}: token ids); a diffusion model trains on pixels or "

@@ -13,7 +13,6 @@ stochastic depth, each sample's keep mask per block and branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict
 
 import torch
@@ -52,19 +51,10 @@ class TokensTask(GeneratorTask):
         if entry.meta.get("task") != "tokens":
             raise ConfigError(f"key 'task.name': tokens training needs a token generator; model.arch {cfg.model.arch!r} "
                               f"trains with task.name={entry.meta.get('task')!r}")
-        if cfg.tokenizer.arch is not None:
-            raise ConfigError("key 'tokenizer.arch': a generator trains on a trained tokenizer's ids: set tokenizer.path "
-                              "(tokenizer.arch builds a new tokenizer, for task.name=tokenizer)")
-        if data.encoded_by is not None:  # ids from `genvis tokenizer extract`
-            if cfg.tokenizer.path is not None and Path(cfg.tokenizer.path).resolve() != Path(data.encoded_by).resolve():
-                raise ConfigError(f"key 'tokenizer.path': the ids in {cfg.data.path} were made by {data.encoded_by}, "
-                                  f"not {cfg.tokenizer.path}; leave tokenizer.path unset for extracted ids")
-            self.tokenizer_source, self.encode = data.encoded_by, False
-        else:
-            if cfg.tokenizer.path is None:
-                raise ConfigError("key 'tokenizer.path': a token generator needs a trained discrete tokenizer (a "
-                                  "tokenizer folder or run), or data.name=latents with ids from `genvis tokenizer extract`")
-            self.tokenizer_source, self.encode = cfg.tokenizer.path, True
+        self.tokenizer_source, self.encode = self.locate_tokenizer(data, "ids")
+        if self.tokenizer_source is None:
+            raise ConfigError("key 'tokenizer.path': a token generator needs a trained discrete tokenizer (a "
+                              "tokenizer folder or run), or data.name=latents with ids from `genvis tokenizer extract`")
         tokenizer = build_tokenizer(self.tokenizer_source)
         if tokenizer.kind != "discrete" or getattr(tokenizer, "token_layout", None) != "scales":
             raise ConfigError(f"key 'tokenizer.path': {self.tokenizer_source} is a {type(tokenizer).__name__}; "
