@@ -184,3 +184,19 @@ def load_checkpoint_file(path: PathLike) -> dict:
         ) from None
     except Exception as err:
         raise GenvisError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {first_line(err)})") from None
+
+
+def load_state_strict(module, state: dict, where: str, what: str) -> None:
+    """module.load_state_dict(state) with one line naming a shape mismatch, or the missing / unexpected keys (the
+    first five of each); `what` names the architecture built (e.g. "DiT-XL/2")."""
+    own = module.state_dict()
+    for key in own.keys() & state.keys():
+        if tuple(own[key].shape) != tuple(state[key].shape):
+            raise GenvisError(f"{where}: tensor {key} has shape {tuple(state[key].shape)}, {what} expects "
+                              f"{tuple(own[key].shape)}")
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        parts = [f"{kind} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise GenvisError(f"{where}: keys do not match {what}: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)

@@ -4,11 +4,11 @@ genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]
 genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]"""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from genvis.cli.options import int_list
 from genvis.errors import GenvisError
-from genvis.io import load_checkpoint_file
+from genvis.io import atomic_dir, load_checkpoint_file, load_state_strict, unwrap_state_dict
 
 
 def add_parser(subparsers) -> None:
@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("checkpoint", metavar="CKPT", help="the official file (.pth or .safetensors)")
     r.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
-    r.add_argument("--scales", type=_scales, default=None, metavar="LIST",
+    r.add_argument("--scales", type=int_list, default=None, metavar="LIST",
                    help="token map sides, coarse to fine, e.g. 1,2,3,4,5,6,8,10,13,16 (default: VAR's, when the "
                    "checkpoint's quantize.ema_vocab_hit_SV has 10 rows; required otherwise)")
     r.set_defaults(func=run_var_vae)
@@ -75,38 +75,31 @@ def add_parser(subparsers) -> None:
                    "the model (vocabulary, code width, scales) and recorded so that `genvis sample OUT_DIR` needs no flag")
     a.add_argument("--embed-tokenizer", action="store_true",
                    help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
-    a.add_argument("--scales", type=_scales, default=None, metavar="LIST",
+    a.add_argument("--scales", type=int_list, default=None, metavar="LIST",
                    help="token map sides, coarse to fine (default: the tokenizer's, else VAR's 1,2,3,4,5,6,8,10,13,16)")
     a.set_defaults(func=run_var)
 
 
-def _scales(text: str):
-    try:
-        scales = [int(c) for c in text.split(",") if c.strip() != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token map sides, e.g. 1,2,4,8,16") from None
-    if not scales:
-        raise argparse.ArgumentTypeError(f"{text!r}: empty; expected comma-separated token map sides, e.g. 1,2,4,8,16")
-    return scales
-
-
-def run_dit(args) -> int:
-    from genvis.io import atomic_dir
-    from genvis.io import unwrap_state_dict
-    from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
-    from genvis.tokenizers import record_tokenizer
-
+def _read_generator_state(args):
+    """(checkpoint path, its state dict unwrapped) for `genvis import dit|var`, after checking the flags."""
     if args.embed_tokenizer and args.tokenizer is None:
         raise GenvisError("--embed-tokenizer: needs --tokenizer DIR (the tokenizer to copy)")
-    try:
-        size, patch = parse_arch(args.arch)
-    except ValueError as err:
-        raise GenvisError(f"--arch: {err}") from None
     ckpt_path = Path(args.checkpoint)
     raw = load_checkpoint_file(ckpt_path)
     if not isinstance(raw, dict):
         raise GenvisError(f"{ckpt_path}: expected a state dict or a training checkpoint dict, got {type(raw).__name__}")
-    state = unwrap_state_dict(raw)
+    return ckpt_path, unwrap_state_dict(raw)
+
+
+def run_dit(args) -> int:
+    from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
+    from genvis.tokenizers import record_tokenizer
+
+    try:
+        size, patch = parse_arch(args.arch)
+    except ValueError as err:
+        raise GenvisError(f"--arch: {err}") from None
+    ckpt_path, state = _read_generator_state(args)
     needed = ["pos_embed", "x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"]
     missing = [k for k in needed if k not in state]
     if missing:
@@ -126,17 +119,7 @@ def run_dit(args) -> int:
             raise GenvisError(f"--tokenizer {args.tokenizer}: its latents have {tokenizer.latent_channels} channels, the "
                               f"checkpoint's model takes {config['in_channels']}")
     model = DiT(**config, prediction_type="eps", schedule="linear")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise GenvisError(f"{ckpt_path}: tensor shapes do not match {args.arch}: {str(err).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {', '.join(result.missing_keys[:5])}{' ...' if len(result.missing_keys) > 5 else ''}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {', '.join(result.unexpected_keys[:5])}{' ...' if len(result.unexpected_keys) > 5 else ''}")
-        raise GenvisError(f"{ckpt_path}: keys do not match {args.arch}: {'; '.join(parts)}")
+    load_state_strict(model, state, str(ckpt_path), args.arch)
     out = Path(args.out)
     with atomic_dir(out) as tmp:
         model.eval().save_pretrained(str(tmp), safe_serialization=True)
@@ -147,7 +130,6 @@ def run_dit(args) -> int:
 
 
 def _write_tokenizer(model, converted, ckpt_path: Path, out: Path) -> None:
-    from genvis.io import atomic_dir
     from genvis.tokenizers.vq_import import load_strict
 
     load_strict(model, converted, str(ckpt_path))
@@ -199,22 +181,16 @@ def run_var_vae(args) -> int:
 
 
 def run_var(args) -> int:
-    from genvis.io import atomic_dir, unwrap_state_dict
-    from genvis.models.var import VAR, VAR_SCALES, convert_var_state_dict, load_var_strict
+    from genvis.models.var import VAR, VAR_SCALES, convert_var_state_dict
     from genvis.samplers.tokens import check_var_tokenizer
     from genvis.tokenizers import load_tokenizer, record_tokenizer
 
-    if args.embed_tokenizer and args.tokenizer is None:
-        raise GenvisError("--embed-tokenizer: needs --tokenizer DIR (the tokenizer to copy)")
-    ckpt_path = Path(args.checkpoint)
-    raw = load_checkpoint_file(ckpt_path)
-    if not isinstance(raw, dict):
-        raise GenvisError(f"{ckpt_path}: expected a state dict or a training checkpoint dict, got {type(raw).__name__}")
+    ckpt_path, state = _read_generator_state(args)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     scales = args.scales or (list(tokenizer.scales) if getattr(tokenizer, "token_layout", None) == "scales" else VAR_SCALES)
-    config, state = convert_var_state_dict(unwrap_state_dict(raw), scales, str(ckpt_path))
+    config, state = convert_var_state_dict(state, scales, str(ckpt_path))
     model = VAR(**config)
-    load_var_strict(model, state, str(ckpt_path))
+    load_state_strict(model, state, str(ckpt_path), f"VAR-d{config['depth']}")
     if tokenizer is not None:
         try:
             check_var_tokenizer(model, tokenizer)

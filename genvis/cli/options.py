@@ -62,6 +62,17 @@ def parse_value(text: str):
     return text
 
 
+def int_list(text: str) -> List[int]:
+    """'1,2,3' -> [1, 2, 3] (an argparse type: class lists, scale lists)."""
+    try:
+        values = [int(c) for c in text.split(",") if c.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer or a comma-separated list, e.g. 3 or 1,2,4") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty; expected an integer or a comma-separated list, e.g. 3 or 1,2,4")
+    return values
+
+
 def parse_pairs(items: Optional[List[str]], flag: str) -> Dict[str, object]:
     out = {}
     for item in items or []:

@@ -1,21 +1,9 @@
 """genvis sample RUN_OR_MODEL --out OUT [--num-samples N] [sampling flags]"""
 from __future__ import annotations
 
-import argparse
-
-
-def _classes(text: str):
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip() != ""]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a class index or a comma-separated list, e.g. 3 or 0,1,2") from None
-    if not classes:
-        raise argparse.ArgumentTypeError(f"{text!r}: empty; expected a class index or a comma-separated list, e.g. 3 or 0,1,2")
-    return classes
-
 
 def add_parser(subparsers) -> None:
-    from genvis.cli.options import add_precision_option, add_sampling_options
+    from genvis.cli.options import add_precision_option, add_sampling_options, int_list
 
     p = subparsers.add_parser(
         "sample",
@@ -31,7 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=None, metavar="N",
                    help="number of samples (default: the run's sample.num, else 100)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+    group.add_argument("--classes", type=int_list, default=None, metavar="LIST",
                        help="one class (3) or a list cycled over the samples (0,1,2)")
     group.add_argument("--balanced", action="store_true", help="sample i gets class i %% num_classes (what happens without --classes)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed (SEED, i)")

@@ -379,18 +379,3 @@ def convert_var_state_dict(state: Dict[str, torch.Tensor], scales: Sequence[int]
             continue
         out[key] = value
     return config, out
-
-
-def load_var_strict(model: VAR, state: Dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict) with one line naming missing / unexpected keys (first five) or a shape mismatch."""
-    own = model.state_dict()
-    for key in own.keys() & state.keys():
-        if own[key].shape != state[key].shape:
-            raise GenvisError(f"{where}: tensor {key} has shape {tuple(state[key].shape)}, VAR-d{len(model.blocks)} "
-                              f"expects {tuple(own[key].shape)}")
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        parts = [f"{what} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise GenvisError(f"{where}: keys do not match VAR-d{len(model.blocks)}: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)

@@ -13,9 +13,10 @@ import torch
 
 from genvis.cli import main
 from genvis.errors import GenvisError
+from genvis.io import load_state_strict
 from genvis.models import load_model
 from genvis.models.var import (VAR, VAR_SCALES, block_causal_mask, convert_var_state_dict, infer_var_config,
-                               load_var_strict, var_config)
+                               var_config)
 from genvis.tokenizers import load_tokenizer
 from genvis.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
@@ -131,7 +132,7 @@ def reference_logits(sd, labels, x_wo_first_l, heads, eps=1e-6):
 def import_state(sd, scales, where="ckpt"):
     config, state = convert_var_state_dict(sd, scales, where)
     model = VAR(**config)
-    load_var_strict(model, state, where)
+    load_state_strict(model, state, where, f"VAR-d{config['depth']}")
     return model.eval()
 
 
