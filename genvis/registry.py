@@ -81,11 +81,14 @@ _SAMPLER_MODULES = {
     "dpmpp-2m-sde": "dpm_solver", "dpm-singlestep": "dpm_solver", "unipc": "unipc", "euler-maruyama": "sde", "rk45": "rk45",
 }
 
-MODELS = Registry("model", {"dit": "genvis.models.dit", "linear_dit": "genvis.models.linear_dit", "var": "genvis.models.var"})
+MODELS = Registry("model", {"dit": "genvis.models.dit", "linear_dit": "genvis.models.linear_dit", "var": "genvis.models.var",
+                           "maskgit": "genvis.models.maskgit"})
 TOKENIZERS = Registry("tokenizer", {"pixels": "genvis.tokenizers.base", "kl": "genvis.tokenizers.kl",
-                                   "vq": "genvis.tokenizers.vq", "msvq": "genvis.tokenizers.multiscale_vq"})
+                                   "vq": "genvis.tokenizers.vq", "msvq": "genvis.tokenizers.multiscale_vq",
+                                   "titok": "genvis.tokenizers.titok"})
 TASKS = Registry("task", {"diffusion": "genvis.training.tasks.diffusion", "distill": "genvis.training.tasks.distill",
                          "tokenizer": "genvis.training.tasks.tokenizer", "tokens": "genvis.training.tasks.tokens"})
-FAMILIES = Registry("model family", {"diffusion": "genvis.samplers.diffusion", "var": "genvis.samplers.tokens"})
+FAMILIES = Registry("model family", {"diffusion": "genvis.samplers.diffusion", "var": "genvis.samplers.tokens",
+                                     "maskgit": "genvis.samplers.tokens"})
 SAMPLERS = Registry("sampler", {name: f"genvis.samplers.{module}" for name, module in _SAMPLER_MODULES.items()})
 DATASETS = Registry("dataset", {"digits": "genvis.data", "folder": "genvis.data", "latents": "genvis.data"})

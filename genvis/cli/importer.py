@@ -1,9 +1,12 @@
 """genvis import dit CKPT OUT_DIR --arch DiT-XL/2
 genvis import vq CKPT OUT_DIR [--layout auto|llamagen|taming] [--codebook-size K] [--codebook-dim D] [--image-channels C]
 genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]
-genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]"""
+genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]
+genvis import titok SRC OUT_DIR [--config FILE] [--l2-norm | --no-l2-norm] [--encoder-heads N] [--decoder-heads N]
+genvis import maskgit CKPT OUT_DIR [--tokenizer DIR] [--heads N]"""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from genvis.cli.options import int_list
@@ -79,9 +82,52 @@ def add_parser(subparsers) -> None:
                    help="token map sides, coarse to fine (default: the tokenizer's, else VAR's 1,2,3,4,5,6,8,10,13,16)")
     a.set_defaults(func=run_var)
 
+    t = sub.add_parser(
+        "titok",
+        help="official TiTok tokenizer (bytedance/1d-tokenizer: a Hugging Face folder or tokenizer_titok_*.bin) -> "
+        "a genvis TiTok tokenizer folder",
+        description="The architecture (widths, depths, tokens, codebook or vae channels, patch and image sizes, decoder "
+        "path: single-stage pixels or the released two-stage proxy codes + MaskGIT-VQGAN pixel decoder) is read off the "
+        "tensor shapes; the official config (a folder's config.json, or --config), when there is one, is checked against "
+        "them key by key. A stage-1 checkpoint (no pixel decoder) is refused. Loads with torch.load(weights_only=True): "
+        "a file that needs pickle is refused.",
+    )
+    t.add_argument("source", metavar="SRC", help="a Hugging Face TiTok folder (config.json + model.safetensors or "
+                   "pytorch_model.bin), or a state dict file (.bin, .pt, .pth or .safetensors)")
+    t.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    t.add_argument("--config", default=None, metavar="FILE",
+                   help="the official YAML / JSON config (configs/infer/TiTok/*.yaml), checked against the weights; "
+                   "replaces a folder's config.json")
+    t.add_argument("--l2-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="l2-normalised codebook lookup when no config says (official use_l2_norm); default: on for "
+                   "12-dim codes (the released L-32 / B-64 / S-128), off otherwise (the vq8k models)")
+    t.add_argument("--encoder-heads", type=int, default=None, metavar="N",
+                   help="encoder attention heads, for a width outside the official sizes (512, 768, 1024: 8, 12, 16 heads)")
+    t.add_argument("--decoder-heads", type=int, default=None, metavar="N",
+                   help="decoder attention heads, for a width outside the official sizes (512, 768, 1024: 8, 12, 16 heads)")
+    t.set_defaults(func=run_titok)
+
+    m = sub.add_parser(
+        "maskgit",
+        help="official TiTok generator (bytedance/1d-tokenizer ImageBert: generator_titok_l32.bin ...) -> a genvis "
+        "MaskGIT model folder",
+        description="Vocabulary, tokens, classes, width, depth and MLP width are read off the tensor shapes (the head "
+        "count is not in them: --heads, TiTok's 16). BertModel's position_ids buffer is dropped; any other unknown or "
+        "missing key stops the import. Loads with torch.load(weights_only=True).",
+    )
+    m.add_argument("checkpoint", metavar="CKPT", help="the official file (.bin, .pt or .safetensors)")
+    m.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
+    m.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="its TiTok tokenizer (`genvis import titok`), checked against the model (vocabulary, token "
+                   "count) and recorded so that `genvis sample OUT_DIR` needs no flag")
+    m.add_argument("--embed-tokenizer", action="store_true",
+                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
+    m.add_argument("--heads", type=int, default=16, metavar="N", help="attention heads (default: 16, TiTok's generators)")
+    m.set_defaults(func=run_maskgit)
+
 
 def _read_generator_state(args):
-    """(checkpoint path, its state dict unwrapped) for `genvis import dit|var`, after checking the flags."""
+    """(checkpoint path, its state dict unwrapped) for `genvis import dit|var|maskgit`, after checking the flags."""
     if args.embed_tokenizer and args.tokenizer is None:
         raise GenvisError("--embed-tokenizer: needs --tokenizer DIR (the tokenizer to copy)")
     ckpt_path = Path(args.checkpoint)
@@ -203,4 +249,49 @@ def run_var(args) -> int:
             record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
     print(f"imported VAR-d{config['depth']} ({model.num_params() / 1e6:.2f}M parameters, vocabulary {config['vocab_size']}, "
           f"{config['num_classes']} classes, scales {','.join(map(str, scales))}) to {out}")
+    return 0
+
+
+def run_titok(args) -> int:
+    from genvis.tokenizers.titok import TiTokTokenizer
+    from genvis.tokenizers.titok_import import convert_titok, describe, load_titok, read_titok_source
+
+    checkpoint, official, where = read_titok_source(args.source, args.config)
+    kwargs, state = convert_titok(checkpoint, official, where, l2_norm=args.l2_norm, encoder_heads=args.encoder_heads,
+                                  decoder_heads=args.decoder_heads)
+    model = TiTokTokenizer(**kwargs)
+    load_titok(model, state, where)
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(tmp)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported TiTok ({params / 1e6:.2f}M parameters, {describe(kwargs)}) to {out}")
+    return 0
+
+
+def run_maskgit(args) -> int:
+    from genvis.models.maskgit import MaskGIT, convert_maskgit_state_dict
+    from genvis.samplers.tokens import check_maskgit_tokenizer
+    from genvis.tokenizers import load_tokenizer, record_tokenizer
+
+    ckpt_path, state = _read_generator_state(args)
+    if args.heads < 1:
+        raise GenvisError(f"--heads {args.heads}: expected >= 1")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
+    config, state = convert_maskgit_state_dict(state, str(ckpt_path), num_heads=args.heads)
+    model = MaskGIT(**config)
+    load_state_strict(model, state, str(ckpt_path), "MaskGIT")
+    if tokenizer is not None:
+        try:
+            check_maskgit_tokenizer(model, tokenizer)
+        except GenvisError as err:
+            raise GenvisError(f"--tokenizer {args.tokenizer}: {err}") from None
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    print(f"imported MaskGIT ({model.num_params() / 1e6:.2f}M parameters, {config['depth']} blocks, width "
+          f"{config['hidden_size']}, vocabulary {config['vocab_size']}, {config['num_tokens']} tokens, "
+          f"{config['num_classes']} classes) to {out}")
     return 0

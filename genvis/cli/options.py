@@ -109,13 +109,14 @@ def extractor_args(args) -> dict:
 
 # --------------------------------------------------------------------------- sampling flags
 
-# flag dest -> DiffusionSampling field
+# flag dest -> field of the family's sampling dataclass (DiffusionSampling, VARSampling, MaskGITSampling); a flag
+# whose field the family lacks "does not apply"
 SAMPLING_FLAGS = {
     "sampler": "sampler", "steps": "steps", "grid": "grid", "grid_option": "grid_options", "option": "options",
     "cfg": "cfg", "cfg_channels": "cfg_channels", "cfg_interval": "cfg_interval", "cfg_schedule": "cfg_schedule",
     "stitch_small": "stitch_small", "stitch_fraction": "stitch_fraction", "cache_refresh": "cache_refresh",
     "cache_keep_blocks": "cache_keep_blocks", "top_k": "top_k", "top_p": "top_p", "temperature": "temperature",
-    "smooth": "smooth", "kv_cache": "kv_cache",
+    "smooth": "smooth", "kv_cache": "kv_cache", "mask_schedule": "mask_schedule", "anneal_softmax": "anneal_softmax",
 }
 FIELD_FLAGS = {**{field: "--" + dest.replace("_", "-") for dest, field in SAMPLING_FLAGS.items()}, "num": "--num-samples"}
 
@@ -130,20 +131,28 @@ def _interval(text: str) -> List[float]:
 
 def add_sampling_options(p) -> None:
     """The sampling flags of `genvis sample` and `genvis eval sample-fid`. Unset flags take the run's
-    `sample:` defaults (a run directory or checkpoint), else the DiffusionSampling defaults."""
+    `sample:` defaults (a run directory or checkpoint), else the family's defaults (DiffusionSampling,
+    VARSampling, MaskGITSampling)."""
     from genvis.registry import SAMPLERS
-    from genvis.samplers.options import DiffusionSampling, VARSampling
+    from genvis.samplers.options import MASK_SCHEDULES, DiffusionSampling, MaskGITSampling, VARSampling
 
-    d = {f.name: f.default for schema in (VARSampling, DiffusionSampling) for f in dataclasses.fields(schema)
-         if f.default is not dataclasses.MISSING}
+    schemas = {"MaskGIT": MaskGITSampling, "VAR": VARSampling, "diffusion": DiffusionSampling}
+    d = {name: {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
+         for name, schema in schemas.items()}
 
     def default(field):
-        return f"default: the run's sample.{field}, else {d[field]}"
+        """'default: the run's sample.<field>, else <value>' (the values of the families that have the field
+        and differ, e.g. 'else 250 (MaskGIT: 8)')."""
+        values = [(name, d[name][field]) for name in ("diffusion", "VAR", "MaskGIT") if field in d[name]]
+        first = values[0][1]
+        others = [f"{name}: {value}" for name, value in values[1:] if value != first]
+        return f"default: the run's sample.{field}, else {first}" + (f" ({'; '.join(others)})" if others else "")
 
     g = p.add_argument_group("sampling (unset flags take the run's sample: section; see `genvis samplers`)")
     g.add_argument("--sampler", default=None, metavar="NAME",
                    help=f"{' | '.join(SAMPLERS.names())} | diffusers:<SchedulerClass> ({default('sampler')})")
-    g.add_argument("--steps", type=int, default=None, metavar="N", help=f"model evaluations per sample ({default('steps')})")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"model evaluations per sample; MaskGIT: decoding steps ({default('steps')})")
     g.add_argument("--grid", default=None, metavar="GRID",
                    help=f"timestep grid: a name (`genvis samplers`), a .json file, or t1,t2,... ({default('grid')})")
     g.add_argument("--grid-option", action="append", default=None, metavar="KEY=VALUE",
@@ -152,14 +161,15 @@ def add_sampling_options(p) -> None:
                    help="sampler option, repeatable, e.g. order=3 or variant=bh1 (default: the run's, if --sampler is unset)")
     g.add_argument("--cfg", type=float, default=None, metavar="SCALE",
                    help=f"classifier-free guidance scale, 1 = none; VAR: the scale reached at the last scale, growing "
-                   f"linearly from 1 (VAR's own cfg c is 1 + c here) ({default('cfg')})")
+                   f"linearly from 1 (VAR's own cfg c is 1 + c here); MaskGIT: uncond + s (cond - uncond) (TiTok's "
+                   f"guidance_scale g is 1 + g here) ({default('cfg')})")
     g.add_argument("--cfg-channels", type=int, default=None, metavar="K",
                    help="guide only the first K output channels (official DiT: 3) (default: all)")
     g.add_argument("--cfg-interval", type=_interval, default=None, metavar="T_LO,T_HI",
                    help="guide only for normalised times t_lo < u <= t_hi (u: 0 data, 1 noise); other steps cost one call "
                    "(default: every step)")
-    g.add_argument("--cfg-schedule", default=None, metavar="NAME", help=f"guidance scale over time: constant | linear "
-                   f"({default('cfg_schedule')})")
+    g.add_argument("--cfg-schedule", default=None, metavar="NAME", help=f"guidance scale over time: constant | linear; "
+                   f"MaskGIT linear: 1 + (cfg - 1) k / steps at step k, TiTok's ({default('cfg_schedule')})")
     g.add_argument("--stitch-small", default=None, metavar="RUN_OR_MODEL",
                    help="T-Stitch: a smaller model of the same latent space runs the first --stitch-fraction of the steps "
                    "(default: none)")
@@ -168,17 +178,26 @@ def add_sampling_options(p) -> None:
                    help=f"DiT step caching: run the deep blocks every N-th call only, 1 = off ({default('cache_refresh')})")
     g.add_argument("--cache-keep-blocks", type=int, default=None, metavar="K",
                    help=f"blocks computed on every call when caching ({default('cache_keep_blocks')})")
-    t = p.add_argument_group("token generators (VAR)")
+    t = p.add_argument_group("token generators (VAR, MaskGIT)")
     t.add_argument("--top-k", type=int, default=None, metavar="K", help=f"keep the K most likely ids, 0 = all ({default('top_k')})")
     t.add_argument("--top-p", type=float, default=None, metavar="P",
                    help=f"then keep the smallest set of ids of probability >= P, 0 = all ({default('top_p')})")
-    t.add_argument("--temperature", type=float, default=None, metavar="T", help=f"logits / T ({default('temperature')})")
+    t.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"VAR: the logits are divided by T; MaskGIT: the scale of the Gumbel noise of the id choice and "
+                   f"of the confidence, annealed to T (1 - r) at progress r (0 = greedy; TiTok-L-32: 9.5) "
+                   f"({default('temperature')})")
     t.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                    help="VAR's more_smooth: Gumbel-softmax code mixtures feed the next scale (visualisation, not FID) "
                    f"({default('smooth')})")
     t.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
                    help=f"decode each scale against the cached keys/values of the earlier ones; --no-kv-cache recomputes "
                    f"the whole prefix (the same images, slower) ({default('kv_cache')})")
+    t.add_argument("--mask-schedule", default=None, metavar="NAME",
+                   help=f"MaskGIT: the fraction of ids still masked after progress r: {' | '.join(MASK_SCHEDULES)} "
+                   f"({default('mask_schedule')})")
+    t.add_argument("--anneal-softmax", action=argparse.BooleanOptionalAction, default=None,
+                   help="MaskGIT: divide the logits by 0.5 + 0.8 (1 - r) (TiTok's softmax_temperature_annealing) "
+                   f"({default('anneal_softmax')})")
 
 
 def flag_error(err: OptionError) -> GenvisError:

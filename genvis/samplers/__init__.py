@@ -7,7 +7,7 @@ where `denoiser(x, t, **cond)` returns the data prediction for schedule time t (
 timestep grid ending at the data end (genvis.samplers.grids). Guidance wraps the model function
 (genvis.samplers.guidance), so every sampler gets it. `sample()` is the entry point for a model
 function; `genvis.samplers.diffusion` runs a diffusion-family generator for `genvis.generate`, and
-`genvis.samplers.tokens` decodes VAR (`decode_var`).
+`genvis.samplers.tokens` decodes VAR (`decode_var`) and MaskGIT (`decode_maskgit`).
 
 The names below are imported on first use (PEP 562), so `genvis --help` and the config schema
 (`genvis.samplers.options`) do not pay for torch.
@@ -19,7 +19,7 @@ import importlib
 _EXPORTS = {
     "sample": "core", "plan_sampling": "core", "SamplingPlan": "core", "get_sampler": "core", "check_options": "core",
     "resolve_grid": "core", "make_grid": "grids", "GRIDS": "grids", "CFG": "guidance", "DiffusionSampling": "options",
-    "VARSampling": "options", "decode_var": "tokens",
+    "VARSampling": "options", "MaskGITSampling": "options", "decode_var": "tokens", "decode_maskgit": "tokens",
 }
 
 

@@ -2,7 +2,7 @@
 
 The run config's `sample:` section, the sampling flags shared by `genvis sample` and
 `genvis eval sample-fid`, and `genvis.generate` all carry the model family's dataclass
-(`DiffusionSampling`, `VARSampling`). Its fields are
+(`DiffusionSampling`, `VARSampling`, `MaskGITSampling`). Its fields are
 checked in `__post_init__`, so an instance is always valid; a bad value raises OptionError naming
 the field (the config loader reports it as `sample.<field>`, the CLI as `--<flag>`).
 
@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from genvis.errors import OptionError
+
+# MaskGIT's mask schedules (genvis.samplers.tokens.mask_ratio) and guidance schedules, here so that the CLI and
+# the config schema read them without torch
+MASK_SCHEDULES = ("arccos", "cosine", "linear")
+MASKGIT_CFG_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -144,3 +149,48 @@ class VARSampling(SampleDefaults):
             raise OptionError("top_p", f"{self.top_p}: expected a value in [0, 1] (0 = no top-p filtering)")
         if not self.temperature > 0.0:
             raise OptionError("temperature", f"{self.temperature}: expected > 0")
+
+
+@dataclass
+class MaskGITSampling(SampleDefaults):
+    """Sampling options of MaskGIT generators (genvis.samplers.tokens.decode_maskgit), TiTok's ImageBert.generate.
+
+    Decoding starts from all N tokens masked; step k of `steps` (progress r = (k + 1) / steps) predicts every
+    masked token, keeps the most confident and re-masks the rest, so that floor(N mask_ratio(r)) stay masked.
+
+    Args:
+        steps: decoding steps (model evaluations per sample, per guided pair). Default 8.
+        mask_schedule: the fraction still masked after progress r: arccos (acos(r) / (pi / 2), TiTok) | cosine
+            (cos(r pi / 2), MaskGIT's paper) | linear (1 - r).
+        temperature: T of the "randomized temperature": the ids are argmax(logits + T_k g) and the confidence
+            the chosen logit + T_k g' (g, g' Gumbel noise), with T_k = T (1 - r) annealed to 0 at the last step.
+            0 = greedy: the most likely ids, re-masked by their logit. Default 1.
+        cfg: classifier-free guidance scale, logits = uncond + s (cond - uncond) (1 = none). TiTok's
+            guidance_scale g (cond + g (cond - uncond)) is genvis's 1 + g.
+        cfg_schedule: linear: s_k = 1 + (cfg - 1) k / steps (TiTok's "linear" guidance_decay: no guidance at
+            the first step, growing) | constant: cfg at every step.
+        anneal_softmax: TiTok's softmax_temperature_annealing: the logits are divided by 0.5 + 0.8 (1 - r).
+
+    TiTok-L-32's recipe (configs/infer/TiTok/titok_l32.yaml, sample_imagenet_titok.py): steps 8, temperature 9.5,
+    cfg 5.5 (guidance_scale 4.5), cfg_schedule linear, anneal_softmax true.
+    """
+
+    steps: int = 8
+    mask_schedule: str = "arccos"
+    temperature: float = 1.0
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    anneal_softmax: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps < 1:
+            raise OptionError("steps", f"{self.steps}: expected >= 1")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise OptionError("mask_schedule", f"{self.mask_schedule!r}: expected one of: {', '.join(MASK_SCHEDULES)}")
+        if not self.temperature >= 0.0 or self.temperature == float("inf"):
+            raise OptionError("temperature", f"{self.temperature}: expected a finite value >= 0 (0 = greedy)")
+        if not self.cfg >= 1.0:
+            raise OptionError("cfg", f"{self.cfg}: expected >= 1 (1 = no guidance)")
+        if self.cfg_schedule not in MASKGIT_CFG_SCHEDULES:
+            raise OptionError("cfg_schedule", f"{self.cfg_schedule!r}: expected one of: {', '.join(MASKGIT_CFG_SCHEDULES)}")

@@ -1,4 +1,4 @@
-"""Decoding loops of the token generators: VAR's next-scale prediction (MaskGIT joins it later).
+"""Decoding loops of the token generators: VAR's next-scale prediction and MaskGIT's iterative unmasking.
 
 VAR (Tian et al. 2024, FoundationVision/VAR `autoregressive_infer_cfg`): S forward passes for S
 scales. Pass k feeds only scale k's tokens; each block's attention appends their keys/values to
@@ -8,19 +8,27 @@ scale k are drawn from the (guided, filtered) logits; their code vectors, upsamp
 by the tokenizer's phi, are added to f_hat, and f_hat area-downsampled to scale k + 1 is that
 scale's input (`MultiScaleQuantizer.accumulate`).
 
+MaskGIT (Chang et al. 2022; TiTok's ImageBert.generate, bytedance/1d-tokenizer): all N ids start
+masked. Step k of K (progress r = (k + 1) / K) runs the whole sequence once (twice with guidance),
+samples an id for every masked position by Gumbel-max with the annealed temperature T (1 - r), keeps
+the ids already revealed, scores each new id by its logit plus a second Gumbel draw (revealed ids
+score +inf) and re-masks the lowest-scored ones so that floor(N mask_ratio(r)) stay masked (at least
+one, and at least one fewer than before); the last step reveals every id.
+
 Randomness: sample i's token draws (and Gumbel noise) come from generators[i] alone, in a fixed
 order, so an image does not depend on the batch size or on which process draws it.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from genvis.errors import GenvisError
 from genvis.registry import FAMILIES
-from genvis.samplers.options import VARSampling
+from genvis.samplers.options import MASKGIT_CFG_SCHEDULES, MASK_SCHEDULES, MaskGITSampling, VARSampling
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -50,11 +58,18 @@ def draw_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> 
     return torch.stack(out)
 
 
+def gumbel_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
+    """Standard Gumbel noise [B, *shape] (float32 on `device`), sample i's from generators[i] on its own device:
+    -log E with E ~ Exp(1), which is -log(-log U) with U ~ Uniform(0, 1)."""
+    tiny = torch.finfo(torch.float32).tiny  # E = 0 would give +inf
+    return torch.stack([-torch.empty(tuple(shape), device=g.device).exponential_(generator=g).clamp_min_(tiny).log()
+                        .to(device) for g in generators])
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """softmax((logits + Gumbel noise) / tau) [B, l, V], sample i's noise from generators[i] (VAR's
     gumbel_softmax_with_rng, soft)."""
-    noise = torch.stack([-torch.empty(logits.shape[1:], device=g.device).exponential_(generator=g).log().to(logits.device)
-                         for g in generators])
+    noise = gumbel_noise(logits.shape[1:], generators, logits.device)
     return ((logits + noise) / tau).softmax(dim=-1)
 
 
@@ -117,6 +132,95 @@ def decode_var(model, labels: torch.Tensor, *, quantizer, generators: Sequence[t
     return f_hat if smooth else torch.cat(ids_out, dim=1)
 
 
+def mask_ratio(r: Union[float, torch.Tensor], schedule: str = "arccos") -> Union[float, torch.Tensor]:
+    """The fraction of the tokens still masked at progress r in [0, 1] (0: all masked, 1: none).
+
+    arccos: acos(r) / (pi / 2) (TiTok's MaskGIT, training and decoding); cosine: cos(r pi / 2) (MaskGIT's
+    paper); linear: 1 - r. A float gives a float (float64, as the official numpy), a tensor a tensor.
+    """
+    if schedule not in MASK_SCHEDULES:
+        raise GenvisError(f"mask schedule {schedule!r}: expected one of: {', '.join(MASK_SCHEDULES)}")
+    if isinstance(r, torch.Tensor):
+        if schedule == "arccos":
+            return torch.acos(r) / (math.pi / 2)
+        if schedule == "cosine":
+            return torch.cos(r * (math.pi / 2))
+        return 1.0 - r
+    r = float(r)
+    if schedule == "arccos":
+        return math.acos(r) / (math.pi / 2)
+    if schedule == "cosine":
+        return math.cos(r * (math.pi / 2))
+    return 1.0 - r
+
+
+def maskgit_guidance_scale(cfg: float, k: int, steps: int, schedule: str = "linear") -> float:
+    """s_k of MaskGIT's step k: linear 1 + (cfg - 1) k / steps (1 at the first step, TiTok's "linear"
+    guidance_decay), constant cfg."""
+    if schedule not in MASKGIT_CFG_SCHEDULES:
+        raise GenvisError(f"guidance schedule {schedule!r}: expected one of: {', '.join(MASKGIT_CFG_SCHEDULES)}")
+    return 1.0 + (cfg - 1.0) * k / steps if schedule == "linear" else float(cfg)
+
+
+def maskgit_masked_after(num_tokens: int, masked: torch.Tensor, r: float, schedule: str = "arccos") -> torch.Tensor:
+    """[B] long: how many ids stay masked after the step that reaches progress r < 1, for samples with `masked`
+    [B] ids masked before it: floor(N mask_ratio(r)), at most masked - 1 (every step reveals one) and at least 1."""
+    target = math.floor(num_tokens * mask_ratio(r, schedule))
+    return (masked.long() - 1).clamp(max=target).clamp(min=1)
+
+
+@torch.no_grad()
+def decode_maskgit(model, labels: torch.Tensor, *, generators: Sequence[torch.Generator], steps: int = 8,
+                   schedule: str = "arccos", temperature: float = 1.0, cfg: float = 1.0, cfg_schedule: str = "linear",
+                   anneal_softmax: bool = False, autocast: Callable = nullcontext,
+                   callback: Optional[Callable] = None) -> torch.Tensor:
+    """Sample a MaskGIT for `labels` [B]: ids [B, N] (int64, row-major for a grid), every id in [0, V).
+
+    steps, schedule (MaskGITSampling.mask_schedule), temperature, cfg, cfg_schedule, anneal_softmax: see
+    genvis.samplers.options.MaskGITSampling. `callback({"step": k, "ids": ids})` after each step, ids [B, N] with
+    model.mask_id where still masked. Re-masking keeps exactly the computed number masked (ties in the confidence
+    go by position), where TiTok's `confidence <= cut_off` would re-mask every tied id.
+    """
+    b, n, mask_id = len(labels), model.num_tokens, model.mask_id
+    if len(generators) != b:
+        raise GenvisError(f"{len(generators)} generators for {b} labels: give one per sample")
+    if steps < 1:
+        raise GenvisError(f"steps {steps}: expected >= 1")
+    if schedule not in MASK_SCHEDULES:
+        raise GenvisError(f"mask schedule {schedule!r}: expected one of: {', '.join(MASK_SCHEDULES)}")
+    device = labels.device
+    ids = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+    null = torch.full_like(labels, model.null_class)
+    for k in range(steps):
+        r = (k + 1) / steps
+        masked = ids == mask_id  # [B, N]
+        s = maskgit_guidance_scale(cfg, k, steps, cfg_schedule)
+        with autocast():
+            if s == 1.0:  # no unconditional pass
+                logits = model(ids, labels).float()  # [B, N, V]
+            else:
+                cond, uncond = model(ids.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
+                logits = uncond + s * (cond - uncond)
+        if anneal_softmax:
+            logits = logits / (0.5 + 0.8 * (1.0 - r))
+        t = temperature * (1.0 - r)
+        noisy = logits + t * gumbel_noise(logits.shape[1:], generators, device) if t > 0 else logits
+        sampled = noisy.argmax(dim=-1)  # [B, N]
+        chosen = logits.gather(-1, sampled[..., None])[..., 0]  # [B, N]: the chosen ids' logits, without noise
+        sampled = torch.where(masked, sampled, ids)
+        if k == steps - 1:
+            ids = sampled
+        else:
+            confidence = chosen + t * gumbel_noise((n,), generators, device) if t > 0 else chosen
+            confidence = torch.where(masked, confidence, torch.inf)
+            keep_masked = maskgit_masked_after(n, masked.sum(dim=-1), r, schedule)  # [B]
+            rank = confidence.argsort(dim=-1, stable=True).argsort(dim=-1)  # [B, N]: 0 = least confident
+            ids = torch.where(rank < keep_masked[:, None], mask_id, sampled)
+        if callback is not None:
+            callback({"step": k, "ids": ids})
+    return ids
+
+
 def check_var_tokenizer(model, tokenizer) -> None:
     """A VAR decodes with the multi-scale tokenizer it was trained on: same vocabulary, code width and scales."""
     if tokenizer is None or getattr(tokenizer, "token_layout", None) != "scales":
@@ -146,3 +250,37 @@ class VARFamilySampler:
         return decode_var(self.model, labels, quantizer=self.quantizer, generators=generators, cfg=o.cfg, top_k=o.top_k,
                           top_p=o.top_p, temperature=o.temperature, smooth=o.smooth, kv_cache=o.kv_cache,
                           autocast=autocast, callback=callback)
+
+
+def check_maskgit_tokenizer(model, tokenizer) -> None:
+    """A MaskGIT decodes with a discrete tokenizer of ids in a sequence (TiTok) or a grid (VQ) of its vocabulary
+    (and, for a sequence, of its length)."""
+    layout = getattr(tokenizer, "token_layout", None)
+    if tokenizer is None or getattr(tokenizer, "kind", None) != "discrete" or layout not in ("sequence", "grid"):
+        name = "none" if tokenizer is None else type(tokenizer).__name__
+        raise GenvisError(f"a MaskGIT needs a discrete tokenizer of id sequences or grids (TiTok, VQ) to decode; got "
+                          f"{name} (pass the tokenizer it was trained with, e.g. --tokenizer DIR)")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise GenvisError(f"the MaskGIT's vocabulary is {model.config.vocab_size} but the tokenizer's is "
+                          f"{tokenizer.vocab_size}; give the tokenizer the model was trained with")
+    count = getattr(tokenizer, "num_tokens", None)
+    if layout == "sequence" and count is not None and count != model.num_tokens:
+        raise GenvisError(f"the MaskGIT generates {model.num_tokens} tokens per image but the tokenizer decodes "
+                          f"{count}; give the tokenizer the model was trained with")
+
+
+@FAMILIES.register("maskgit", schema=MaskGITSampling)
+class MaskGITFamilySampler:
+    """Samples a MaskGIT with `options`; returns ids [B, *model.token_shape] for the tokenizer's decode."""
+
+    def __init__(self, model, options: MaskGITSampling, tokenizer=None):
+        check_maskgit_tokenizer(model, tokenizer)
+        self.model, self.options = model, options
+        self.steps_per_batch = options.steps
+
+    def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
+        o = self.options
+        ids = decode_maskgit(self.model, labels, generators=generators, steps=o.steps, schedule=o.mask_schedule,
+                             temperature=o.temperature, cfg=o.cfg, cfg_schedule=o.cfg_schedule,
+                             anneal_softmax=o.anneal_softmax, autocast=autocast, callback=callback)
+        return ids.view(len(labels), *self.model.token_shape)

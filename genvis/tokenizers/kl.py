@@ -56,6 +56,21 @@ class KLConfig(TokenizerConfig):
             raise ConfigError(f"key 'tokenizer.normalisation': {self.normalisation!r} is not one of {', '.join(NORMALISATIONS)}")
 
 
+def channel_statistics(latents: Iterable[torch.Tensor], per_channel: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) in float64 of latents [B, C, ...] over everything but the channel dimension: [C] each, or
+    with per_channel=False one scalar each over all channels."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for z in latents:
+        z = z.double().transpose(0, 1).flatten(1)  # [C, N]
+        total, total_sq, count = total + z.sum(dim=1), total_sq + z.square().sum(dim=1), count + z.shape[1]
+    if count == 0:
+        raise ValueError("no images to measure the latent statistics on")
+    if not per_channel:
+        total, total_sq, count = total.sum(), total_sq.sum(), count * len(total)
+    mean = total / count
+    return mean, (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+
+
 @TOKENIZERS.register("kl", schema=KLConfig, class_name="AutoencoderKL")
 class KLTokenizer(Tokenizer):
     """Wraps `vae` (a diffusers AutoencoderKL); see the module docstring for the normalisation."""
@@ -109,22 +124,12 @@ class KLTokenizer(Tokenizer):
         latents_std with scaling_factor 1; scalar -> shift_factor / scaling_factor. Returns what was stored."""
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation {normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
-        total, total_sq, count = 0.0, 0.0, 0
-        for images in batches:
-            z = self.vae.encode(images).latent_dist.mode().double()
-            total = total + z.sum(dim=(0, 2, 3))
-            total_sq = total_sq + (z * z).sum(dim=(0, 2, 3))
-            count += z.shape[0] * z.shape[2] * z.shape[3]
-        if count == 0:
-            raise ValueError("no images to measure the latent statistics on")
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+        mean, std = channel_statistics((self.vae.encode(images).latent_dist.mode() for images in batches),
+                                       per_channel=normalisation == "per_channel")
         if normalisation == "per_channel":
             stored = dict(latents_mean=mean.tolist(), latents_std=std.tolist(), scaling_factor=1.0, shift_factor=None)
         else:
-            grand = float(total.sum() / (count * len(mean)))
-            grand_std = max(float((total_sq.sum() / (count * len(mean))) - grand * grand), 1e-12) ** 0.5
-            stored = dict(latents_mean=None, latents_std=None, scaling_factor=1.0 / grand_std, shift_factor=grand)
+            stored = dict(latents_mean=None, latents_std=None, scaling_factor=1.0 / float(std), shift_factor=float(mean))
         self.vae.register_to_config(**stored)
         return stored
 

@@ -85,6 +85,8 @@ def test_image_matches_python_api(model_dir, tmp_path):
         (["--sampler", "diffusers:DDIMScheduler", "--option", "scheduler_kwargs={bad"], "not valid JSON"),
         (["--stitch-fraction", "1.5", "--stitch-small", "x"], "--stitch-fraction: 1.5"),
         (["--steps", "0"], "--steps: 0: expected >= 1"),
+        (["--mask-schedule", "cosine"], "--mask-schedule: does not apply to diffusion models"),
+        (["--no-anneal-softmax"], "--anneal-softmax: does not apply to diffusion models"),
         (["--num-samples", "0"], "--num-samples 0: expected >= 1"),
         (["--classes", ""], "--classes: '': empty"),
         (["--device", "bogus"], "--device 'bogus'"),

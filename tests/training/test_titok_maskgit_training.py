@@ -1,0 +1,140 @@
+"""TiTok + MaskGIT end to end on the digits at tiny sizes: the TiTok preset trains (the loss falls, the exported
+tokenizer loads and its ids are what it reports), MaskGIT trains on its extracted 1D ids with TiTok's masking
+recipe (the loss falls from ln V), `genvis sample` needs no flags and gives the library's images, the masked
+loss is the published formula, and a MaskGIT refuses a multi-scale tokenizer."""
+import numpy as np
+import pytest
+import torch
+
+from cli_run import genvis, train
+from tiny_runs import ROOT
+
+TITOK = str(ROOT / "configs" / "digits" / "titok.yaml")
+MASKGIT = str(ROOT / "configs" / "digits" / "maskgit_titok.yaml")
+TINY_TITOK = ["tokenizer.encoder_width=32", "tokenizer.encoder_depth=1", "tokenizer.encoder_heads=2",
+              "tokenizer.decoder_width=32", "tokenizer.decoder_depth=1", "tokenizer.decoder_heads=2",
+              "tokenizer.num_latent_tokens=8", "tokenizer.codebook_size=64", "tokenizer.usage_decay=0.5",
+              "tokenizer.restart_threshold=0.5", "task.disc_channels=16", "train.batch_size=16", "train.log_every=1",
+              "train.mixed_precision=fp32", "train.keep_checkpoints=0", "train.warmup_steps=0", "train.lr=3e-3"]
+SMALL_MASKGIT = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.dropout=0.0",
+                 "model.attn_dropout=0.0", "train.batch_size=32", "train.log_every=1", "train.mixed_precision=fp32",
+                 "train.keep_checkpoints=0", "train.warmup_steps=2", "train.lr=2e-3", "sample.num=10"]
+
+
+@pytest.fixture(scope="module")
+def tiny_titok(tmp_path_factory):
+    run = tmp_path_factory.mktemp("titok") / "run"
+    stdout = train(TITOK, run, *TINY_TITOK, "train.steps=30", "train.checkpoint_every=0", "task.disc_start=15")
+    assert "titok tokenizer (8 ids of a 64-code vocabulary" in stdout
+    return run
+
+
+@pytest.fixture(scope="module")
+def titok_ids(tiny_titok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ids") / "ids"
+    code, _, stderr = genvis("tokenizer", "extract", tiny_titok, "--data", TITOK, "--out", out)
+    assert code == 0, stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_maskgit(titok_ids, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maskgit") / "run"
+    stdout = train(MASKGIT, out, f"data.path={titok_ids}", *SMALL_MASKGIT, "train.steps=40", "train.checkpoint_every=0")
+    assert "masked-token cross-entropy" in stdout
+    return out
+
+
+def test_titok_training_reduces_the_loss_and_exports_a_tokenizer(tiny_titok, scalars):
+    from genvis import load_tokenizer
+    from genvis.data import build_dataset
+    from genvis.config import load_config
+    from genvis.tokenizers.titok import TiTokTokenizer
+
+    rec = scalars(tiny_titok, "train/reconstruction")
+    assert len(rec) == 30 and np.mean(rec[-5:]) < 0.8 * np.mean(rec[:5]), (rec[:5], rec[-5:])
+    tok = load_tokenizer(tiny_titok)
+    assert isinstance(tok, TiTokTokenizer) and tok.num_tokens == 8 and tok.vocab_size == 64
+    dataset = build_dataset(load_config(TITOK).data, split="train")
+    x = torch.stack([dataset[i][0] for i in range(16)])
+    ids = tok.encode(x)
+    assert ids.shape == (16, 8) and int(ids.max()) < 64
+    err = (tok.decode(ids) - x).abs().mean()
+    assert err < (x - x.mean()).abs().mean()  # reconstructs better than the mean image
+
+
+def test_maskgit_training_reduces_the_loss_and_samples_with_no_flags(trained_maskgit, tiny_titok, scalars, tmp_path):
+    from genvis import load_tokenizer
+    from genvis.config import load_config
+    from genvis.generate import class_labels, generate, sample_generators
+    from genvis.models import load_model
+    from genvis.models.maskgit import MaskGIT
+    from genvis.samplers.tokens import decode_maskgit
+
+    loss = scalars(trained_maskgit, "train/loss_model")
+    assert len(loss) == 40 and np.mean(loss[-5:]) < 0.85 * np.mean(loss[:5]), (loss[:5], loss[-5:])
+    assert loss[0] == pytest.approx(np.log(64), abs=0.15)  # near-uniform logits at BERT's initialisation
+    model = load_model(trained_maskgit)
+    assert isinstance(model, MaskGIT) and model.token_shape == (8,) and model.config.vocab_size == 64
+    out = tmp_path / "samples.npz"
+    code, stdout, stderr = genvis("sample", trained_maskgit, "--num-samples", "10", "--out", out)
+    assert code == 0, stderr[-2000:]
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (10, 16, 16, 3)
+    tokenizer = load_tokenizer(trained_maskgit)
+    assert torch.equal(tokenizer.quantize.embedding.weight, load_tokenizer(tiny_titok).quantize.embedding.weight)
+    labels = class_labels(10, 10)
+    sampling = load_config(str(trained_maskgit / "config.yaml")).sample  # the preset's: 8 steps, temperature 3
+    assert (sampling.steps, sampling.temperature) == (8, 3.0)
+    images = generate(model, tokenizer, labels, seed=0, sampling=sampling)
+    expected = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(arr[..., :1], expected)
+    # generate = the decoding loop (the run's options) then TiTok's decoder, per-sample generators (0, i)
+    ids = decode_maskgit(model, labels, generators=sample_generators(0, range(10)), steps=8, temperature=3.0)
+    torch.testing.assert_close(images, tokenizer.decode(ids))
+
+
+def test_masked_loss_is_the_published_formula(titok_ids):
+    """TiTok's MLMLoss: cross-entropy (label smoothing) weighted 1 on masked and 0.1 on visible tokens, divided
+    by the total weight; round(N acos(u) / (pi / 2)) tokens masked (at least 1)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from genvis.config import load_config
+    from genvis.data import build_dataset
+    from genvis.training.tasks.base import DataInfo
+    from genvis.registry import TASKS
+
+    cfg = load_config(MASKGIT, [f"data.path={titok_ids}", *SMALL_MASKGIT])
+    task = TASKS.get("tokens")(cfg)
+    dataset = build_dataset(cfg.data, split="train")
+    modules = task.build(DataInfo(num_classes=10, image_shape=tuple(dataset.item_shape), encoded_by=str(dataset.encoded_by)))
+    model = modules["model"].eval()
+    items = torch.stack([dataset[i][0] for i in range(6)])
+    labels = torch.tensor([dataset[i][1] for i in range(6)])
+    draws = task.draw(6, torch.Generator().manual_seed(3))
+    out = task.losses(modules, (items, labels), draws, 0)
+    ids = items.long()
+    counts = [max(1, round(8 * math.acos(float(u)) / (math.pi / 2))) for u in draws["progress"]]
+    masked = torch.zeros(6, 8, dtype=torch.bool)
+    for i, c in enumerate(counts):
+        masked[i, torch.argsort(draws["order"][i]) < c] = True
+    assert masked.sum(1).tolist() == counts
+    y = torch.where(draws["drop"], torch.full_like(labels, 10), labels)
+    logits = model(torch.where(masked, torch.full_like(ids, 64), ids), y)
+    ce = F.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1), label_smoothing=0.1, reduction="none").view(6, 8)
+    w = masked.float() + 0.1 * (~masked).float()
+    torch.testing.assert_close(out["model"], (ce * w).sum() / w.sum())
+
+
+def test_maskgit_refuses_a_multiscale_tokenizer(tmp_path):
+    from genvis.tokenizers.multiscale_vq import MultiScaleVQTokenizer
+
+    folder = tmp_path / "msvq"
+    MultiScaleVQTokenizer(in_channels=1, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, norm_groups=8,
+                          codebook_size=32, scales=(1, 2, 4)).save_pretrained(folder)
+    code, _, stderr = genvis("train", MASKGIT, f"output_dir={tmp_path / 'run'}", "data.name=digits", "data.path=null",
+                             "data.resolution=16", "data.channels=1", f"tokenizer.path={folder}", "train.steps=1")
+    assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "MultiScaleVQTokenizer" in stderr and "sequence or grid" in stderr
