@@ -142,3 +142,44 @@ def test_imagenet_tokenizer_presets_build_the_official_architectures(preset, sid
         tokenizer = TOKENIZERS.get(cfg.tokenizer.arch).from_section(cfg.tokenizer, (3, 256, 256))
     assert tuple(tokenizer.latent_shape((3, 256, 256))) == side and tokenizer.vocab_size == vocab
     assert sum(p.numel() for p in tokenizer.parameters()) == params
+
+
+def test_imagenet_maskgit_preset_builds_titoks_generator():
+    """configs/imagenet256/maskgit-titok-l32.yaml over TiTok-L-32's ids (4,096 codes, 32 tokens, 1,000 classes)
+    builds ImageBert's L-32 generator: BERT with C = 768, 24 layers, MLP 3,072, counted from BertModel's shapes
+    (word (4096 + 1000 + 2) C, position 33 C, token type 2 C, embedding LayerNorm 2 C; per layer 4 C^2 + 4 C
+    attention, 2 x 2 C LayerNorms, 2 C F + F + C MLP; lm_head 4096 C + 4096)."""
+    import torch
+
+    from genvis.registry import MODELS
+
+    cfg = load_config(str(ROOT / "configs" / "imagenet256" / "maskgit-titok-l32.yaml"), ["output_dir=/tmp/unused"])
+    with torch.device("meta"):
+        model = MODELS.get("maskgit")(cfg.model, vocab_size=4096, token_shape=(32,), num_classes=1000)
+    c, f = 768, 3072
+    official = (5098 + 33 + 2 + 2) * c + 24 * (4 * c * c + 4 * c + 4 * c + 2 * c * f + f + c) + 4096 * c + 4096
+    assert model.num_params() == official
+    assert (cfg.sample.steps, cfg.sample.temperature, cfg.sample.cfg, cfg.sample.cfg_schedule) == (8, 9.5, 5.5, "linear")
+
+
+@pytest.mark.parametrize("preset,widths,tokens", [("titok-l32.yaml", (1024, 24), 32), ("titok-b64.yaml", (768, 12), 64),
+                                                  ("titok-s128.yaml", (512, 8), 128)])
+def test_imagenet_titok_presets_build_the_official_sizes(preset, widths, tokens):
+    """TiTok-L-32 / B-64 / S-128 (single stage): the ViT sizes TiTok names, 16x16 patches of 256x256 images,
+    K latent tokens and 4,096 l2-normalised 12-dim codes; parameters counted from the official shapes
+    (per block 12 W^2 + 13 W; patch embed 768 W + W; class, 257 positions and K latent positions (+ K latent
+    tokens in the encoder); ln_pre / ln_post 4 W; encoder conv_out 12 W + 12; decoder_embed 12 W + W, mask
+    token W, ffn W x 768 + 768, conv_out 3 x 3 x 3 x 3 + 3)."""
+    import torch
+
+    from genvis.registry import TOKENIZERS
+
+    cfg = load_config(str(ROOT / "configs" / "imagenet256" / preset), ["output_dir=/tmp/unused"])
+    with torch.device("meta"):
+        tokenizer = TOKENIZERS.get(cfg.tokenizer.arch).from_section(cfg.tokenizer, (3, 256, 256))
+    w, d = widths
+    blocks = d * (12 * w * w + 13 * w)
+    encoder = blocks + 768 * w + w + (1 + 257 + tokens) * w + 4 * w + 12 * w + 12 + tokens * w
+    decoder = blocks + 12 * w + w + (1 + 257 + tokens + 1) * w + 4 * w + w * 768 + 768 + 81 + 3
+    assert tokenizer.num_tokens == tokens and tokenizer.vocab_size == 4096
+    assert sum(p.numel() for p in tokenizer.parameters()) == encoder + decoder + 4096 * 12

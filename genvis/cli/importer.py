@@ -14,6 +14,17 @@ from genvis.errors import GenvisError
 from genvis.io import atomic_dir, load_checkpoint_file, load_state_strict, unwrap_state_dict
 
 
+def _generator_arguments(p, tokenizer_help: str) -> None:
+    """CKPT, OUT_DIR, --tokenizer and --embed-tokenizer of a generator import."""
+    p.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt, .pth, .bin or .safetensors)")
+    p.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help=f"{tokenizer_help}, recorded in the model folder so that `genvis sample OUT_DIR` needs no flag "
+                   "(default: none recorded)")
+    p.add_argument("--embed-tokenizer", action="store_true",
+                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("import", help="convert an official checkpoint into a genvis model folder")
     sub = p.add_subparsers(dest="family", required=True, metavar="FAMILY")
@@ -22,15 +33,9 @@ def add_parser(subparsers) -> None:
         help="official DiT / SiT-layout checkpoint (.pt state dict or training checkpoint, or .safetensors)",
         description="Loads with torch.load(weights_only=True): a file that needs pickle is refused.",
     )
-    d.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt or .safetensors)")
-    d.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
+    _generator_arguments(d, "the tokenizer whose latents the model generates: for official DiT a local diffusers "
+                         "AutoencoderKL folder (sd-vae-ft-ema or sd-vae-ft-mse; its config holds the 0.18215 scaling factor)")
     d.add_argument("--arch", required=True, help="e.g. DiT-XL/2, DiT-S/2")
-    d.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="the tokenizer whose latents the model generates, recorded in the model folder so that "
-                   "`genvis sample OUT_DIR` needs no flag: for official DiT a local diffusers AutoencoderKL folder "
-                   "(sd-vae-ft-ema or sd-vae-ft-mse; its config holds the 0.18215 scaling factor). Default: none recorded")
-    d.add_argument("--embed-tokenizer", action="store_true",
-                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
     d.set_defaults(func=run_dit)
 
     v = sub.add_parser(
@@ -71,13 +76,8 @@ def add_parser(subparsers) -> None:
         "(lvl_1L, attn_bias_for_masking, zero_k_bias) are checked against the rebuilt ones and dropped; any other "
         "unknown or missing key stops the import. Loads with torch.load(weights_only=True).",
     )
-    a.add_argument("checkpoint", metavar="CKPT", help="the official file (.pth or .safetensors)")
-    a.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
-    a.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="its multi-scale VQ tokenizer (`genvis import var-vae` of vae_ch160v4096z32.pth), checked against "
-                   "the model (vocabulary, code width, scales) and recorded so that `genvis sample OUT_DIR` needs no flag")
-    a.add_argument("--embed-tokenizer", action="store_true",
-                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
+    _generator_arguments(a, "its multi-scale VQ tokenizer (`genvis import var-vae` of vae_ch160v4096z32.pth), checked "
+                         "against the model (vocabulary, code width, scales)")
     a.add_argument("--scales", type=int_list, default=None, metavar="LIST",
                    help="token map sides, coarse to fine (default: the tokenizer's, else VAR's 1,2,3,4,5,6,8,10,13,16)")
     a.set_defaults(func=run_var)
@@ -115,13 +115,8 @@ def add_parser(subparsers) -> None:
         "count is not in them: --heads, TiTok's 16). BertModel's position_ids buffer is dropped; any other unknown or "
         "missing key stops the import. Loads with torch.load(weights_only=True).",
     )
-    m.add_argument("checkpoint", metavar="CKPT", help="the official file (.bin, .pt or .safetensors)")
-    m.add_argument("out", metavar="OUT_DIR", help="the genvis model folder to write")
-    m.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="its TiTok tokenizer (`genvis import titok`), checked against the model (vocabulary, token "
-                   "count) and recorded so that `genvis sample OUT_DIR` needs no flag")
-    m.add_argument("--embed-tokenizer", action="store_true",
-                   help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
+    _generator_arguments(m, "its TiTok tokenizer (`genvis import titok`), checked against the model (vocabulary, "
+                         "token count)")
     m.add_argument("--heads", type=int, default=16, metavar="N", help="attention heads (default: 16, TiTok's generators)")
     m.set_defaults(func=run_maskgit)
 
@@ -137,9 +132,29 @@ def _read_generator_state(args):
     return ckpt_path, unwrap_state_dict(raw)
 
 
+def _write_generator(model, args, tokenizer) -> Path:
+    """The model folder OUT_DIR, written atomically, with `tokenizer` (or nothing) recorded in it."""
+    from genvis.tokenizers import record_tokenizer
+
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        model.eval().save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    return out
+
+
+def _check_tokenizer(check, model, tokenizer, args) -> None:
+    """`check(model, tokenizer)` (a family's tokenizer check), its error naming --tokenizer."""
+    if tokenizer is not None:
+        try:
+            check(model, tokenizer)
+        except GenvisError as err:
+            raise GenvisError(f"--tokenizer {args.tokenizer}: {err}") from None
+
+
 def run_dit(args) -> int:
     from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
-    from genvis.tokenizers import record_tokenizer
 
     try:
         size, patch = parse_arch(args.arch)
@@ -166,11 +181,7 @@ def run_dit(args) -> int:
                               f"checkpoint's model takes {config['in_channels']}")
     model = DiT(**config, prediction_type="eps", schedule="linear")
     load_state_strict(model, state, str(ckpt_path), args.arch)
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
-        model.eval().save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    out = _write_generator(model, args, tokenizer)
     print(f"imported {args.arch} ({model.num_params() / 1e6:.2f}M parameters) to {out}")
     return 0
 
@@ -229,7 +240,7 @@ def run_var_vae(args) -> int:
 def run_var(args) -> int:
     from genvis.models.var import VAR, VAR_SCALES, convert_var_state_dict
     from genvis.samplers.tokens import check_var_tokenizer
-    from genvis.tokenizers import load_tokenizer, record_tokenizer
+    from genvis.tokenizers import load_tokenizer
 
     ckpt_path, state = _read_generator_state(args)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
@@ -237,16 +248,8 @@ def run_var(args) -> int:
     config, state = convert_var_state_dict(state, scales, str(ckpt_path))
     model = VAR(**config)
     load_state_strict(model, state, str(ckpt_path), f"VAR-d{config['depth']}")
-    if tokenizer is not None:
-        try:
-            check_var_tokenizer(model, tokenizer)
-        except GenvisError as err:
-            raise GenvisError(f"--tokenizer {args.tokenizer}: {err}") from None
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
-        model.eval().save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    _check_tokenizer(check_var_tokenizer, model, tokenizer, args)
+    out = _write_generator(model, args, tokenizer)
     print(f"imported VAR-d{config['depth']} ({model.num_params() / 1e6:.2f}M parameters, vocabulary {config['vocab_size']}, "
           f"{config['num_classes']} classes, scales {','.join(map(str, scales))}) to {out}")
     return 0
@@ -272,7 +275,7 @@ def run_titok(args) -> int:
 def run_maskgit(args) -> int:
     from genvis.models.maskgit import MaskGIT, convert_maskgit_state_dict
     from genvis.samplers.tokens import check_maskgit_tokenizer
-    from genvis.tokenizers import load_tokenizer, record_tokenizer
+    from genvis.tokenizers import load_tokenizer
 
     ckpt_path, state = _read_generator_state(args)
     if args.heads < 1:
@@ -281,16 +284,8 @@ def run_maskgit(args) -> int:
     config, state = convert_maskgit_state_dict(state, str(ckpt_path), num_heads=args.heads)
     model = MaskGIT(**config)
     load_state_strict(model, state, str(ckpt_path), "MaskGIT")
-    if tokenizer is not None:
-        try:
-            check_maskgit_tokenizer(model, tokenizer)
-        except GenvisError as err:
-            raise GenvisError(f"--tokenizer {args.tokenizer}: {err}") from None
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
-        model.eval().save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            record_tokenizer(tmp, tokenizer, args.tokenizer, embed=args.embed_tokenizer)
+    _check_tokenizer(check_maskgit_tokenizer, model, tokenizer, args)
+    out = _write_generator(model, args, tokenizer)
     print(f"imported MaskGIT ({model.num_params() / 1e6:.2f}M parameters, {config['depth']} blocks, width "
           f"{config['hidden_size']}, vocabulary {config['vocab_size']}, {config['num_tokens']} tokens, "
           f"{config['num_classes']} classes) to {out}")

@@ -73,6 +73,22 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
 
+class ModelTokenizer(Tokenizer):
+    """A tokenizer that is also a diffusers ModelMixin + ConfigMixin (listed after this class in its bases): its
+    folder is diffusers' (config.json + safetensors)."""
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu"):
+        # ModelMixin's, which comes after the Tokenizer contract in the subclasses' method order
+        model = super(Tokenizer, cls).from_pretrained(str(Path(folder)), local_files_only=True)
+        return model.to(device).eval()
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        from diffusers import ModelMixin
+
+        ModelMixin.save_pretrained(self, str(folder), safe_serialization=True, **kwargs)
+
+
 @TOKENIZERS.register("pixels", schema=TokenizerConfig, class_name="PixelTokenizer")
 class PixelTokenizer(Tokenizer):
     """Identity: lets any generator run in pixel space. Its folder holds only config.json."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -36,7 +35,7 @@ from einops import rearrange
 
 from genvis.errors import ConfigError, GenvisError
 from genvis.registry import TOKENIZERS
-from genvis.tokenizers.base import Tokenizer, TokenizerConfig
+from genvis.tokenizers.base import ModelTokenizer, TokenizerConfig
 from genvis.tokenizers.losses import kl_loss
 from genvis.tokenizers.vq import LOCAL, Collectives, VectorQuantizer, check_ids, validate_quantizer_section
 
@@ -278,7 +277,7 @@ class TiTokConfig(TokenizerConfig):
 
 
 @TOKENIZERS.register("titok", schema=TiTokConfig, class_name="TiTokTokenizer")
-class TiTokTokenizer(Tokenizer, ModelMixin, ConfigMixin):
+class TiTokTokenizer(ModelTokenizer, ModelMixin, ConfigMixin):
     """TiTok: images [B, C, H, W] in [-1, 1] <-> ids [B, K] (vq) or continuous tokens [B, token_size, 1, K] (vae)."""
 
     token_layout = "sequence"
@@ -449,15 +448,6 @@ class TiTokTokenizer(Tokenizer, ModelMixin, ConfigMixin):
         stored = dict(latents_mean=mean.tolist(), latents_std=std.tolist())
         self.register_to_config(**stored)
         return stored
-
-    # -- folders
-    @classmethod
-    def from_pretrained(cls, folder, device="cpu"):
-        model = super(Tokenizer, cls).from_pretrained(str(Path(folder)), local_files_only=True)
-        return model.to(device).eval()
-
-    def save_pretrained(self, folder, **kwargs) -> None:
-        ModelMixin.save_pretrained(self, str(folder), safe_serialization=True, **kwargs)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -24,7 +24,6 @@ codebook is the same on every process and equals a one-process run's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -35,7 +34,7 @@ from diffusers.configuration_utils import register_to_config
 
 from genvis.errors import ConfigError, GenvisError
 from genvis.registry import TOKENIZERS
-from genvis.tokenizers.base import Tokenizer, TokenizerConfig
+from genvis.tokenizers.base import ModelTokenizer, TokenizerConfig
 from genvis.tokenizers.conv import ConvDecoder, ConvEncoder
 
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA counts
@@ -306,7 +305,7 @@ def check_image_size(section, image_shape) -> None:
                           f"divide the image size {image_shape[1]}x{image_shape[2]}")
 
 
-class ConvAutoencoder(Tokenizer):
+class ConvAutoencoder(ModelTokenizer):
     """What the VQ and multi-scale VQ tokenizers share: encoder -> quant_conv -> (quantizer) -> post_quant_conv -> decoder."""
 
     kind = "discrete"
@@ -340,14 +339,6 @@ class ConvAutoencoder(Tokenizer):
     def reconstruct(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quantized))
 
-    @classmethod
-    def from_pretrained(cls, folder, device="cpu"):
-        # ModelMixin's, which comes after the Tokenizer contract in the subclasses' method order
-        model = super(Tokenizer, cls).from_pretrained(str(Path(folder)), local_files_only=True)
-        return model.to(device).eval()
-
-    def save_pretrained(self, folder, **kwargs) -> None:
-        ModelMixin.save_pretrained(self, str(folder), safe_serialization=True, **kwargs)
 
 
 @TOKENIZERS.register("vq", schema=VQConfig, class_name="VQTokenizer")
