@@ -138,3 +138,34 @@ def test_maskgit_refuses_a_multiscale_tokenizer(tmp_path):
                              "data.resolution=16", "data.channels=1", f"tokenizer.path={folder}", "train.steps=1")
     assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
     assert "MultiScaleVQTokenizer" in stderr and "sequence or grid" in stderr
+
+
+def test_maskgit_trains_over_a_vq_grid(tmp_path):
+    """Over a VQ tokenizer's 2D ids (a 4x4 grid of the 16x16 digits, encoded on the fly): the model's token shape is
+    the grid, the loss is finite with gradients, and generate decodes [B, 4, 4] ids through the VQ decoder."""
+    from genvis.config import load_config
+    from genvis.data import build_dataset
+    from genvis.generate import class_labels, generate
+    from genvis.registry import TASKS
+    from genvis.tokenizers.vq import VQTokenizer
+    from genvis.training.tasks.base import DataInfo
+
+    torch.manual_seed(0)
+    folder = tmp_path / "vq"
+    VQTokenizer(in_channels=1, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, norm_groups=8,
+                codebook_size=32, codebook_dim=8).save_pretrained(folder)
+    cfg = load_config(MASKGIT, ["data.name=digits", "data.path=null", "data.resolution=16", "data.channels=1",
+                                f"tokenizer.path={folder}", *SMALL_MASKGIT])
+    task = TASKS.get("tokens")(cfg)
+    modules = task.build(DataInfo(num_classes=10, image_shape=(1, 16, 16)))
+    model = modules["model"]
+    assert model.token_shape == (4, 4) and model.num_tokens == 16 and model.config.vocab_size == 32
+    dataset = build_dataset(cfg.data, split="train")
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    labels = torch.tensor([dataset[i][1] for i in range(8)])
+    out = task.losses(modules, (images, labels), task.draw(8, torch.Generator().manual_seed(0)), 0)
+    out["model"].backward()
+    assert torch.isfinite(out["model"]) and model.model.lm_head.weight.grad.abs().sum() > 0
+    assert torch.equal(task.ids_of((images, labels)), modules["tokenizer"].encode(images).flatten(1))
+    samples = generate(model.eval(), modules["tokenizer"], class_labels(2, 10), seed=0, sampling=cfg.sample)
+    assert samples.shape == (2, 1, 16, 16)
