@@ -313,8 +313,7 @@ class TiTokTokenizer(ModelTokenizer, ModelMixin, ConfigMixin):
                                             usage_decay=usage_decay, entropy_weight=entropy_weight)
         if decoder_head == "proxy":
             self.pixel_quantize = ProxyCodebook(proxy_codebook_size, proxy_codebook_dim)
-            self.pixel_decoder = ProxyDecoder(in_channels, z_channels=proxy_codebook_dim, **{k: v for k, v in PROXY.items()
-                                                                                            if k != "z_channels"})
+            self.pixel_decoder = ProxyDecoder(in_channels, **{**PROXY, "z_channels": proxy_codebook_dim})
 
     @classmethod
     def from_section(cls, section: TiTokConfig, image_shape) -> "TiTokTokenizer":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from genvis.errors import ConfigError
 from genvis.registry import MODELS, TASKS
+from genvis.samplers.tokens import mask_ratio
 from genvis.tokenizers import build_tokenizer
 from genvis.training.tasks.base import DataInfo, GeneratorTask, OptimizerSpec
 
@@ -158,8 +159,6 @@ class TokensTask(GeneratorTask):
                 "log/ce_last_scale": ce[:, -self.last:].mean().detach()}
 
     def maskgit_losses(self, model, ids: torch.Tensor, labels: torch.Tensor, draws) -> Dict[str, torch.Tensor]:
-        from genvis.samplers.tokens import mask_ratio
-
         t = self.cfg.task
         n = ids.shape[1]
         ratio = mask_ratio(draws["progress"].to(ids.device), t.mask_schedule).clamp(1e-6, 1.0)
