@@ -7,9 +7,10 @@ unchanged; `forward(x, t, y)` returns exactly what the official model returns.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -79,12 +80,21 @@ DIT_SIZES: Dict[str, Tuple[int, int, int]] = {
 }
 
 
+def token_grid(input_size: Union[int, Sequence[int]], patch_size: int) -> Tuple[int, int]:
+    """(rows, columns) of p x p patches of an input of size `input_size` (an int: square; [H, W]: a rectangle)."""
+    height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the input size {height}x{width}")
+    return height // patch_size, width // patch_size
+
+
 class DiT(ModelMixin, ConfigMixin):
     """Class-conditional diffusion transformer.
 
     Args:
-        input_size: spatial size of the input (latent or pixel grid), default 32.
-        patch_size: patch size p (2, 4 or 8), default 2.
+        input_size: spatial size of the input (latent or pixel grid), default 32; [H, W] for a rectangle,
+            e.g. [1, K] for a 1D tokenizer's K continuous tokens (KL-TiTok) with patch size 1.
+        patch_size: patch size p (1, 2, 4 or 8), default 2.
         in_channels: input channels, default 4.
         hidden_size, depth, num_heads, mlp_ratio: transformer width/depth/heads/MLP ratio (DiT-XL: 1152/28/16/4).
         class_dropout_prob: label dropout used in training; > 0 adds the null row to the label table. Default 0.1.
@@ -106,7 +116,7 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        input_size: int = 32,
+        input_size: Union[int, Sequence[int]] = 32,
         patch_size: int = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
@@ -135,14 +145,14 @@ class DiT(ModelMixin, ConfigMixin):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
-        self.grid_size = input_size // patch_size
+        self.grid = token_grid(input_size, patch_size)  # (rows, columns) of patches
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding, kept as a frozen parameter because official checkpoints store it.
         if pos_embed:
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid), hidden_size), requires_grad=False)
         else:
             self.register_parameter("pos_embed", None)
         self.blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
@@ -163,7 +173,7 @@ class DiT(ModelMixin, ConfigMixin):
 
         self.apply(_basic_init)
         if self.pos_embed is not None:
-            pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)
+            pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid)
             self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
         # Patch embedding initialised like nn.Linear (xavier on the flattened kernel).
         w = self.x_embedder.proj.weight.data
@@ -182,7 +192,7 @@ class DiT(ModelMixin, ConfigMixin):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, p*p*C] -> [B, C, H, W] (the official (p, q, c) ordering within a patch)."""
-        h = w = self.grid_size
+        h, w = self.grid
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -221,15 +231,15 @@ class DiT(ModelMixin, ConfigMixin):
     @property
     def sample_shape(self) -> Tuple[int, int, int]:
         """(C, H, W) of what the model generates (its input)."""
-        size = self.config.input_size
-        return (self.in_channels, size, size)
+        gh, gw = self.grid
+        return (self.in_channels, gh * self.patch_size, gw * self.patch_size)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self) -> float:
         """Forward matmul FLOPs per image (2 * MACs), as used for the fraction-of-peak figures."""
-        n = self.grid_size**2
+        n = math.prod(self.grid)
         d = self.config.hidden_size
         per_block = 2 * n * (3 * d * d + d * d + 2 * d * int(d * self.config.mlp_ratio)) + 2 * 2 * n * n * d
         per_block += 2 * d * 6 * d
@@ -286,18 +296,27 @@ class DiTConfig:
             raise ConfigError(f"key 'model.class_dropout': {self.class_dropout}: expected a value in [0, 1)")
 
 
+def check_patch_size(patch_size: int, height: int, width: int) -> None:
+    """The config's patch size tiles an input of height x width (one line naming the key otherwise)."""
+    if height % patch_size or width % patch_size:
+        raise ConfigError(f"key 'model.patch_size': {patch_size} does not divide the input size {height}x{width}"
+                          + (" (a 1 x K row of 1D tokens needs patch_size 1)" if height == 1 else ""))
+
+
+def input_size(height: int, width: int) -> Union[int, list]:
+    """The config value of `input_size`: an int for a square input (the official DiT config), else [H, W]."""
+    return height if height == width else [height, width]
+
+
 @MODELS.register("dit", schema=DiTConfig, cls=DiT, family=DiT.family, task="diffusion")
 def dit_from_config(section: DiTConfig, *, sample_shape: Tuple[int, int, int], num_classes: int, **diffusion) -> DiT:
     """The DiT a run config describes, for inputs of `sample_shape` (C, H, W); `diffusion` holds what the
     training task decides (prediction_type, schedule and its parameters, learn_sigma)."""
     channels, height, width = sample_shape
-    if height != width:
-        raise ConfigError(f"key 'model.arch': DiT needs square inputs, got {height}x{width}")
-    if height % section.patch_size:
-        raise ConfigError(f"key 'model.patch_size': {section.patch_size} does not divide the input size {height}")
+    check_patch_size(section.patch_size, height, width)
     sizes = {k: getattr(section, k) for k in ("depth", "hidden_size", "num_heads") if getattr(section, k) is not None}
-    return build_dit(section.size, section.patch_size, **sizes, input_size=height, in_channels=channels,
-                     num_classes=num_classes, class_dropout_prob=section.class_dropout, **diffusion)
+    return build_dit(section.size, section.patch_size, **sizes, input_size=input_size(height, width),
+                     in_channels=channels, num_classes=num_classes, class_dropout_prob=section.class_dropout, **diffusion)
 
 
 #################################################################################

@@ -6,7 +6,7 @@ Attention / Mlp / PatchEmbed), so official state dicts load without renaming.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -137,12 +137,13 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """Fixed 2D sin-cos position embedding [grid_size**2, embed_dim], MAE/DiT layout (float64)."""
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)  # w goes first, as in MAE
-    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int]]) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding [gh * gw, embed_dim] of a gh x gw token grid (an int: square), in
+    MAE/DiT's layout (float64): the first half encodes the column, the second the row, rows listed first. A
+    1 x K row of 1D tokens gets the column half; its row half is the constant of row 0."""
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    grid = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))  # w goes first, as in MAE
+    grid = np.stack(grid, axis=0).reshape(2, 1, gh, gw)
     emb_h = _1d_sincos(embed_dim // 2, grid[0])
     emb_w = _1d_sincos(embed_dim // 2, grid[1])
     return np.concatenate([emb_h, emb_w], axis=1)

@@ -25,8 +25,9 @@ into the shared tensors (`genvis.models.inherit_weights`, `model.init_from`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
 from genvis.errors import ConfigError
-from genvis.models.dit import DIT_SIZES, DiT, DiTBlock, DiTConfig
+from genvis.models.dit import DIT_SIZES, DiT, DiTBlock, DiTConfig, check_patch_size, input_size
 from genvis.models.layers import Mlp
 from genvis.registry import MODELS
 
@@ -59,8 +60,8 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps
     return out.to(dtype)
 
 
-def _to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
-    return rearrange(x, "b (h w) c -> b c h w", h=grid, w=grid)
+def _to_grid(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    return rearrange(x, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
 
 def _to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +76,11 @@ def _depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearAttention(nn.Module):
-    """ReLU linear attention on tokens [B, N, D] of a grid x grid image, with DiT's qkv / proj layers and an
+    """ReLU linear attention on tokens [B, N, D] of a (rows, columns) grid, with DiT's qkv / proj layers and an
     optional depthwise conv on V (LiT) whose output is added to the attention's (zero-initialised, so an
     inherited DiT starts from its attention's linear counterpart)."""
 
-    def __init__(self, dim: int, num_heads: int, grid: int, v_conv: int = 0, eps: float = 1e-15):
+    def __init__(self, dim: int, num_heads: int, grid: Tuple[int, int], v_conv: int = 0, eps: float = 1e-15):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -108,7 +109,7 @@ class MixFFN(nn.Module):
     """Sana's Mix-FFN (GLUMBConv): 1x1 conv to 2 x hidden + SiLU, 3x3 depthwise conv, GLU (x * silu(gate)),
     1x1 conv back to dim (no bias)."""
 
-    def __init__(self, dim: int, hidden_dim: int, grid: int):
+    def __init__(self, dim: int, hidden_dim: int, grid: Tuple[int, int]):
         super().__init__()
         self.grid = grid
         self.inverted_conv = nn.Conv2d(dim, 2 * hidden_dim, 1)
@@ -136,7 +137,7 @@ class LinearDiT(DiT):
     @register_to_config
     def __init__(
         self,
-        input_size: int = 32,
+        input_size: Union[int, Sequence[int]] = 32,
         patch_size: int = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
@@ -176,9 +177,9 @@ class LinearDiT(DiT):
 
             attn = GatedLinearAttention(hidden_size, num_heads, chunk_size=self.gla_chunk_size)
         else:
-            attn = LinearAttention(hidden_size, num_heads, self.grid_size, v_conv=self.v_conv_size)
+            attn = LinearAttention(hidden_size, num_heads, self.grid, v_conv=self.v_conv_size)
         hidden = int(hidden_size * mlp_ratio)
-        mlp = MixFFN(hidden_size, hidden, self.grid_size) if self.ffn_kind == "mixffn" else Mlp(hidden_size, hidden)
+        mlp = MixFFN(hidden_size, hidden, self.grid) if self.ffn_kind == "mixffn" else Mlp(hidden_size, hidden)
         return DiTBlock(hidden_size, num_heads, mlp_ratio, attn=attn, mlp=mlp)
 
     def initialize_weights(self) -> None:
@@ -190,7 +191,7 @@ class LinearDiT(DiT):
     def flops_per_image(self) -> float:
         """Forward matmul FLOPs per image (2 * MACs): DiT's without the N^2 term, plus the kernel's
         2 * 2 * N * D * (D / heads + 1) (relu) or about as much (gated, both directions)."""
-        n, d = self.grid_size**2, self.config.hidden_size
+        n, d = math.prod(self.grid), self.config.hidden_size
         quadratic = 2 * 2 * n * n * d
         linear = 2 * 2 * n * d * (d // self.config.num_heads + 1) * (2 if self.attention_kind == "gated" else 1)
         return super().flops_per_image() + self.config.depth * (linear - quadratic)
@@ -257,9 +258,6 @@ def linear_dit_from_config(section: LinearDiTConfig, *, sample_shape: Tuple[int,
                            **diffusion) -> LinearDiT:
     """The LinearDiT a run config describes (see dit_from_config)."""
     channels, height, width = sample_shape
-    if height != width:
-        raise ConfigError(f"key 'model.arch': LinearDiT needs square inputs, got {height}x{width}")
-    if height % section.patch_size:
-        raise ConfigError(f"key 'model.patch_size': {section.patch_size} does not divide the input size {height}")
-    return LinearDiT(**section.resolved(), patch_size=section.patch_size, input_size=height, in_channels=channels,
-                     num_classes=num_classes, class_dropout_prob=section.class_dropout, **diffusion)
+    check_patch_size(section.patch_size, height, width)
+    return LinearDiT(**section.resolved(), patch_size=section.patch_size, input_size=input_size(height, width),
+                     in_channels=channels, num_classes=num_classes, class_dropout_prob=section.class_dropout, **diffusion)

@@ -25,7 +25,8 @@ TINY = dict(input_size=8, in_channels=4, hidden_size=64, depth=2, num_heads=4, n
 
 def official_shapes(depth, hidden, patch, in_channels, input_size, num_classes, learn_sigma=True, mlp_ratio=4):
     """Key -> shape of an official DiT state dict (class dropout > 0: one extra null row)."""
-    n_patches = (input_size // patch) ** 2
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    n_patches = (height // patch) * (width // patch)
     out_channels = 2 * in_channels if learn_sigma else in_channels
     mlp_hidden = int(hidden * mlp_ratio)
     shapes = {
@@ -258,13 +259,13 @@ def test_parse_arch():
             parse_arch(bad)
 
 
-def reference_sincos_2d(dim, grid):
-    """MAE/DiT layout, from the definition: token i*grid + j (row i, column j) ->
-    [sin(j w), cos(j w), sin(i w), cos(i w)] with w_k = 10000^(-k / (dim/4)), k < dim/4."""
-    quarter = dim // 4
+def reference_sincos_2d(dim, grid, columns=None):
+    """MAE/DiT layout, from the definition: token i*columns + j (row i, column j) of a grid x columns grid
+    (columns=None: square) -> [sin(j w), cos(j w), sin(i w), cos(i w)] with w_k = 10000^(-k / (dim/4)), k < dim/4."""
+    quarter, columns = dim // 4, columns or grid
     omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows = torch.arange(grid, dtype=torch.float64).repeat_interleave(grid)  # i
-    cols = torch.arange(grid, dtype=torch.float64).repeat(grid)  # j
+    rows = torch.arange(grid, dtype=torch.float64).repeat_interleave(columns)  # i
+    cols = torch.arange(columns, dtype=torch.float64).repeat(grid)  # j
     a, b = cols[:, None] * omega, rows[:, None] * omega
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)
 
@@ -370,6 +371,38 @@ def test_cfg_scale_one_is_one_plain_call():
         expected = model(x, t, y)
     assert counted.batches == [4]
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("size, patch", [((1, 12), 1), ((4, 8), 2)], ids=["1x12_tokens", "4x8_p2"])
+def test_rectangular_inputs(size, patch, tmp_path):
+    """input_size [H, W] (a 1 x K row of 1D tokens, e.g. KL-TiTok's): the sin-cos embedding of the (H/p) x (W/p)
+    grid from the definition, the functional reference's forward on official-layout weights, and a round trip
+    through save_pretrained that keeps the shape; a patch size that does not tile the input is one line."""
+    from genvis.errors import ConfigError
+    from genvis.models.dit import DiTConfig, dit_from_config
+
+    cfg = dict(TINY, input_size=list(size), patch_size=patch, learn_sigma=False)
+    model = DiT(**cfg).eval()
+    rows, cols = size[0] // patch, size[1] // patch
+    torch.testing.assert_close(model.pos_embed[0].double(), reference_sincos_2d(64, rows, cols), atol=1e-6, rtol=0)
+    assert model.sample_shape == (4, *size)
+    sd = random_state_dict(official_shapes(2, 64, patch, 4, size, 10, learn_sigma=False), seed=3)
+    model.load_state_dict(sd, strict=True)
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(3, 4, *size, generator=g), torch.tensor([1.0, 250.5, 999.0]), torch.tensor([0, 7, 10])
+    with torch.no_grad():
+        out = model(x, t, y)
+    ref = reference_dit(sd, x, t, y, patch, TINY["num_heads"], learn_sigma=False)
+    assert out.shape == (3, 4, *size) and ref.abs().mean() > 0.1
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(str(tmp_path / "rect"))
+    loaded = load_model(tmp_path / "rect")
+    assert loaded.sample_shape == (4, *size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), out)
+    section = DiTConfig(size="tiny", patch_size=2)
+    with pytest.raises(ConfigError, match=r"model.patch_size.*2 does not divide the input size 1x12.*patch_size 1"):
+        dit_from_config(section, sample_shape=(4, 1, 12), num_classes=10)
 
 
 #################################################################################

@@ -87,6 +87,33 @@ def test_position_embedding_and_mix_ffn_are_what_the_options_say():
     assert lit.blocks[0].attn.v_conv.weight.shape == (64, 1, 5, 5) and not lit.blocks[0].attn.v_conv.weight.any()
 
 
+def test_a_row_of_1d_tokens_convolves_along_the_row():
+    """On a 1 x K grid (KL-TiTok's tokens, input_size [1, K], patch 1) Mix-FFN's 3x3 depthwise conv and LiT's
+    5x5 conv on V see zero rows above and below: each is the 1D conv with its kernel's middle row."""
+    import torch.nn.functional as F
+    from genvis.models.linear_dit import LinearAttention, MixFFN
+
+    torch.manual_seed(0)
+    k, dim = 12, 16
+    x = torch.randn(2, k, dim)
+    ffn = randomize(MixFFN(dim, 24, (1, k)))
+    h = F.silu(F.linear(x, ffn.inverted_conv.weight[:, :, 0, 0], ffn.inverted_conv.bias)).transpose(1, 2)
+    h = F.conv1d(h, ffn.depth_conv.weight[:, :, 1], ffn.depth_conv.bias, padding=1, groups=48)
+    h, gate = h.chunk(2, dim=1)
+    expected = F.linear((h * F.silu(gate)).transpose(1, 2), ffn.point_conv.weight[:, :, 0, 0])
+    torch.testing.assert_close(ffn(x), expected, atol=1e-5, rtol=1e-5)
+
+    attn = randomize(LinearAttention(dim, 2, (1, k), v_conv=5), seed=1)
+    q, kk, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).chunk(3, dim=-1)
+    heads = lambda t: t.reshape(2, k, 2, 8).transpose(1, 2)  # noqa: E731
+    out = naive_relu_attention(heads(q), heads(kk), heads(v)).transpose(1, 2).reshape(2, k, dim).float()
+    out = out + F.conv1d(v.transpose(1, 2), attn.v_conv.weight[:, :, 2], attn.v_conv.bias, padding=2,
+                         groups=dim).transpose(1, 2)
+    torch.testing.assert_close(attn(x), F.linear(out, attn.proj.weight, attn.proj.bias), atol=1e-5, rtol=1e-5)
+    model = LinearDiT(**{**SMALL, "input_size": [1, k], "patch_size": 1}, ffn="mixffn", learn_sigma=False)
+    assert model(torch.randn(3, 1, 1, k), torch.rand(3), torch.tensor([0, 5, 10])).shape == (3, 1, 1, k)
+
+
 def test_inheritance_copies_exactly_the_shared_tensors_and_lists_the_new_ones(tmp_path, save_model):
     torch.manual_seed(0)
     dit = randomize(DiT(**SMALL, num_heads=4, learn_sigma=False), seed=3)

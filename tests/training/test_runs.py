@@ -1,11 +1,13 @@
 """Run directories: what a rerun may change, a full disk while checkpointing, sampling a checkpoint, and a
 task with two optimizers stepping through the generic loop."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,17 +42,32 @@ def error_lines(stderr):
 
 
 def test_rerun_with_another_config_is_refused_and_leaves_the_run_alone(tmp_path):
+    """One refused rerun end to end (one line, exit 2, the run untouched); the other refused keys through the
+    same check on the stored config.yaml, without a process each."""
+    from omegaconf import OmegaConf
+
+    from genvis.errors import GenvisError
+    from genvis.training.checkpoint import check_rerun
+
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
     stored = (out / "config.yaml").read_bytes()
-    for change, listed in (("model.depth=3", "model.depth (2 -> 3)"), ("train.weight_decay=0.1", "train.weight_decay (0.0 -> 0.1)"),
-                           ("train.steps=1", "train.steps (2 -> 1)"), ("task.time_sampling=uniform", "task.time_sampling ('logit_normal' -> 'uniform')")):
-        code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", "train.checkpoint_every=2", change)
-        lines = error_lines(stderr)
-        assert code == 2 and len(lines) == 1 and listed in lines[0], stderr[-2000:]
-        assert "Traceback" not in stderr
+    code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", "train.checkpoint_every=2",
+                             "model.depth=3")
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1 and "model.depth (2 -> 3)" in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert (out / "config.yaml").read_bytes() == stored
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    config = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+    assert check_rerun(out, config) == {}
+    for key, value, listed in (("train.weight_decay", 0.1, "train.weight_decay (0.0 -> 0.1)"),
+                               ("train.steps", 1, "train.steps (2 -> 1)"),
+                               ("task.time_sampling", "uniform", "task.time_sampling ('logit_normal' -> 'uniform')")):
+        changed = OmegaConf.create(config)
+        OmegaConf.update(changed, key, value)
+        with pytest.raises(GenvisError, match=re.escape(listed)):
+            check_rerun(out, OmegaConf.to_container(changed))
 
 
 def test_allowed_changes_resume_and_are_recorded(tmp_path):

@@ -1,7 +1,8 @@
 """TiTok + MaskGIT end to end on the digits at tiny sizes: the TiTok preset trains (the loss falls, the exported
 tokenizer loads and its ids are what it reports), MaskGIT trains on its extracted 1D ids with TiTok's masking
 recipe (the loss falls from ln V), `genvis sample` needs no flags and gives the library's images, the masked
-loss is the published formula, and a MaskGIT refuses a multi-scale tokenizer."""
+loss is the published formula, and a MaskGIT refuses a multi-scale tokenizer. KL-TiTok's continuous tokens
+feed a DiT as a 1 x K "image"."""
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,8 @@ from tiny_runs import ROOT
 
 TITOK = str(ROOT / "configs" / "digits" / "titok.yaml")
 MASKGIT = str(ROOT / "configs" / "digits" / "maskgit_titok.yaml")
+TITOK_KL = str(ROOT / "configs" / "digits" / "titok_kl.yaml")
+DIT_TITOK = str(ROOT / "configs" / "digits" / "dit_titok.yaml")
 TINY_TITOK = ["tokenizer.encoder_width=32", "tokenizer.encoder_depth=1", "tokenizer.encoder_heads=2",
               "tokenizer.decoder_width=32", "tokenizer.decoder_depth=1", "tokenizer.decoder_heads=2",
               "tokenizer.num_latent_tokens=8", "tokenizer.codebook_size=64", "tokenizer.usage_decay=0.5",
@@ -169,3 +172,40 @@ def test_maskgit_trains_over_a_vq_grid(tmp_path):
     assert torch.equal(task.ids_of((images, labels)), modules["tokenizer"].encode(images).flatten(1))
     samples = generate(model.eval(), modules["tokenizer"], class_labels(2, 10), seed=0, sampling=cfg.sample)
     assert samples.shape == (2, 1, 16, 16)
+
+
+def test_dit_over_kl_titok_tokens(tmp_path, scalars):
+    """KL-TiTok preset (tiny) -> `genvis tokenizer extract` stores [C, 1, K] tokens -> the DiT preset over them
+    (patch 1, input [1, K]) trains, its loss falls, and `genvis sample` decodes through the recorded KL-TiTok
+    with no flags, giving the library's images."""
+    from genvis import load_tokenizer
+    from genvis.config import load_config
+    from genvis.generate import class_labels, generate
+    from genvis.models import load_model
+    from genvis.models.dit import DiT
+
+    tok_run, latents, run = tmp_path / "titok", tmp_path / "latents", tmp_path / "dit"
+    stdout = train(TITOK_KL, tok_run, *TINY_TITOK, "tokenizer.stats_images=256", "train.steps=20",
+                   "train.checkpoint_every=0", "task.disc_start=10")
+    assert "titok tokenizer (latents 4x1x8" in stdout
+    code, _, stderr = genvis("tokenizer", "extract", tok_run, "--data", TITOK_KL, "--out", latents)
+    assert code == 0, stderr[-2000:]
+    train(DIT_TITOK, run, f"data.path={latents}", "model.depth=2", "model.hidden_size=64", "model.num_heads=2",
+          "train.batch_size=32", "train.steps=30", "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1",
+          "train.checkpoint_every=0", "train.keep_checkpoints=0", "train.mixed_precision=fp32", "sample.steps=4")
+    loss = scalars(run, "train/loss_model")
+    assert len(loss) == 30 and np.mean(loss[-5:]) < 0.8 * np.mean(loss[:5]), (loss[:5], loss[-5:])
+    model = load_model(run)
+    assert isinstance(model, DiT) and model.sample_shape == (4, 1, 8) and list(model.config.input_size) == [1, 8]
+    assert model.pos_embed.shape == (1, 8, 64) and model.patch_size == 1
+    out = tmp_path / "samples.npz"
+    code, _, stderr = genvis("sample", run, "--num-samples", "6", "--out", out)
+    assert code == 0, stderr[-2000:]
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (6, 16, 16, 3)
+    tokenizer = load_tokenizer(run)
+    assert tokenizer.latent_shape((1, 16, 16)) == (4, 1, 8)
+    sampling = load_config(str(run / "config.yaml")).sample
+    images = generate(model, tokenizer, class_labels(6, 10), seed=0, sampling=sampling)
+    expected = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(arr[..., :1].astype(int) - expected.astype(int)).max() <= 1

@@ -153,12 +153,19 @@ def test_stats_and_recon_commands(trained_vae, tmp_path):
     assert Image.open(tmp_path / "side.png").size == (16 * 18 + 2, 2 * 18 + 2)
 
 
-def test_latent_dit_from_extracted_latents_samples_with_no_flag(trained_vae, tmp_path):
-    """extract -> data.name=latents -> a DiT in the VAE's latent space, which records the VAE: `genvis sample`
-    decodes to 16x16 digits without a flag; when the recorded VAE is gone, one line says what to pass."""
-    latents, run = tmp_path / "latents", tmp_path / "dit"
+@pytest.fixture(scope="module")
+def vae_latents(trained_vae, tmp_path_factory):
+    """The trained VAE's latents of the digits, extracted once (`genvis tokenizer extract`)."""
+    latents = tmp_path_factory.mktemp("latents") / "latents"
     code, _, stderr = genvis("tokenizer", "extract", trained_vae, "--data", VAE, "--out", latents)
     assert code == 0, stderr[-2000:]
+    return latents
+
+
+def test_latent_dit_from_extracted_latents_samples_with_no_flag(trained_vae, vae_latents, tmp_path):
+    """extract -> data.name=latents -> a DiT in the VAE's latent space, which records the VAE: `genvis sample`
+    decodes to 16x16 digits without a flag; when the recorded VAE is gone, one line says what to pass."""
+    latents, run = vae_latents, tmp_path / "dit"
     small = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "train.batch_size=16", "train.steps=3",
              "train.checkpoint_every=0", "train.mixed_precision=fp32", "sample.steps=2", "tokenizer.embed=false"]
     train(DIT_VAE, run, f"data.path={latents}", *small)
@@ -181,7 +188,7 @@ def test_latent_dit_from_extracted_latents_samples_with_no_flag(trained_vae, tmp
         shutil.move(str(moved), trained_vae / "model")
 
 
-def test_latents_of_another_shape_do_not_resume(trained_vae, tmp_path):
+def test_latents_of_another_shape_do_not_resume(vae_latents, tmp_path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -189,7 +196,7 @@ def test_latents_of_another_shape_do_not_resume(trained_vae, tmp_path):
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=8,
                   norm_num_groups=4).save_pretrained(str(tmp_path / "vae8"))
     latents, run = tmp_path / "latents", tmp_path / "dit"
-    assert genvis("tokenizer", "extract", trained_vae, "--data", VAE, "--out", latents)[0] == 0
+    shutil.copytree(vae_latents, latents)
     small = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "train.batch_size=16", "train.checkpoint_every=1",
              "train.mixed_precision=fp32"]
     train(DIT_VAE, run, f"data.path={latents}", *small, "train.steps=1")
