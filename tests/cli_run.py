@@ -17,3 +17,13 @@ def train(config, out, *extra):
     code, stdout, stderr = genvis("train", config, f"output_dir={out}", *extra)
     assert code == 0, stderr[-3000:]
     return stdout
+
+
+def sample_images(run, num, folder):
+    """`genvis sample RUN --num-samples NUM` with no other flag, asserting success; the uint8 [NUM, H, W, 3] images."""
+    import numpy as np
+
+    out = folder / "samples.npz"
+    code, _, stderr = genvis("sample", run, "--num-samples", str(num), "--out", out)
+    assert code == 0, stderr[-2000:]
+    return np.load(out)["arr_0"]

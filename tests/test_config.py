@@ -38,6 +38,13 @@ def test_yaml_and_overrides_are_typed():
         ("task.objectiv=flow", "task.objectiv"),
         ("task.objective=x0", "task.objective"),
         ("task.flow_shift=0", "task.flow_shift"),
+        ("task.objective=score", "task.objective"),  # the digits preset's schedule is flow: score is allowed ...
+        ("task.cosine_weight=1.0 task.objective=eps", "task.cosine_weight"),  # ... the cosine loss is velocity's
+        ("task.schedule=linear", "task.objective"),  # flow on DiT's discrete VP
+        ("model.recipe=sana", "model.recipe"),
+        ("model.norm=batchnorm", "model.norm"),
+        ("model.ffn=geglu", "model.ffn"),
+        ("model.rope=true model.hidden_size=40 model.num_heads=4", "model.rope"),  # head width 10
         ("sample.sampler=euler-ancestral", "sample.sampler"),
         ("sample.stepz=10", "sample.stepz"),
         ("sample.steps=0", "sample.steps"),
@@ -48,8 +55,11 @@ def test_yaml_and_overrides_are_typed():
     ],
 )
 def test_bad_override_names_full_key(override, key):
-    with pytest.raises(ConfigError) as err:
+    if override == "task.objective=score":
         load_config(DIGITS, [override])
+        override = "task.objective=score task.schedule=linear"
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, override.split())
     msg = str(err.value)
     assert f"'{key}'" in msg and "\n" not in msg
 
@@ -183,3 +193,26 @@ def test_imagenet_titok_presets_build_the_official_sizes(preset, widths, tokens)
     decoder = blocks + 12 * w + w + (1 + 257 + tokens + 1) * w + 4 * w + w * 768 + 768 + 81 + 3
     assert tokenizer.num_tokens == tokens and tokenizer.vocab_size == 4096
     assert sum(p.numel() for p in tokenizer.parameters()) == encoder + decoder + 4096 * 12
+
+
+def test_imagenet_lightningdit_preset_builds_lightningdit_xl_1():
+    """configs/imagenet256/lightningdit-xl-1.yaml on VA-VAE's 32 x 16 x 16 latents builds LightningDiT-XL/1: width
+    1152, 28 blocks, 16 heads, patch 1, RMSNorm, SwiGLU (hidden int(2/3 x 4608) = 3072), RoPE, sin-cos kept;
+    parameters counted from its official shapes (per block: qkv 3 D^2 + 3 D, proj D^2 + D, SwiGLU w12 2 H D + 2 H
+    and w3 H D + D, two RMSNorm weights 2 D, adaLN 6 D^2 + 6 D; embedders: patch 32 D + D, timestep 256 D + D +
+    D^2 + D, labels 1001 D, pos_embed 256 D; final layer: RMSNorm D, adaLN 2 D^2 + 2 D, linear 32 D + 32)."""
+    import torch
+
+    from genvis.registry import MODELS
+
+    cfg = load_config(str(ROOT / "configs" / "imagenet256" / "lightningdit-xl-1.yaml"), ["output_dir=/tmp/unused"])
+    with torch.device("meta"):
+        model = MODELS.get("dit")(cfg.model, sample_shape=(32, 16, 16), num_classes=1000, learn_sigma=False,
+                                  prediction_type="velocity", schedule="flow")
+    d, h = 1152, 3072
+    block = 3 * d * d + 3 * d + d * d + d + 2 * h * d + 2 * h + h * d + d + 2 * d + 6 * d * d + 6 * d
+    official = 28 * block + 32 * d + d + 256 * d + d + d * d + d + 1001 * d + 256 * d + d + 2 * d * d + 2 * d + 32 * d + 32
+    assert sum(p.numel() for p in model.state_dict().values()) == official
+    assert (model.config.norm, model.config.ffn, model.config.rope, model.config.use_pos_embed) == ("rmsnorm", "swiglu",
+                                                                                                     True, True)
+    assert (cfg.task.cosine_weight, cfg.sample.steps, cfg.sample.cfg) == (1.0, 250, 10.0)

@@ -1,4 +1,6 @@
 """genvis import dit CKPT OUT_DIR --arch DiT-XL/2
+genvis import sit CKPT OUT_DIR --arch SiT-XL/2
+genvis import lightningdit CKPT OUT_DIR [--tokenizer DIR] [--heads N]
 genvis import vq CKPT OUT_DIR [--layout auto|llamagen|taming] [--codebook-size K] [--codebook-dim D] [--image-channels C]
 genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]
 genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]
@@ -36,7 +38,33 @@ def add_parser(subparsers) -> None:
     _generator_arguments(d, "the tokenizer whose latents the model generates: for official DiT a local diffusers "
                          "AutoencoderKL folder (sd-vae-ft-ema or sd-vae-ft-mse; its config holds the 0.18215 scaling factor)")
     d.add_argument("--arch", required=True, help="e.g. DiT-XL/2, DiT-S/2")
-    d.set_defaults(func=run_dit)
+    d.set_defaults(func=run_dit, time="dit")
+
+    si = sub.add_parser(
+        "sit",
+        help="official SiT checkpoint (willisma/SiT: SiT-XL-2-256x256.pt): DiT's keys, SiT's flow convention",
+        description="The network counts time as SiT does (t = 1 data) and predicts velocity: the model folder says so "
+        "(schedule 'sit', prediction 'velocity'), and every genvis sampler converts. Loads with "
+        "torch.load(weights_only=True): a file that needs pickle is refused.",
+    )
+    _generator_arguments(si, "the tokenizer whose latents the model generates (SiT: a local sd-vae-ft-ema folder)")
+    si.add_argument("--arch", required=True, help="e.g. SiT-XL/2, SiT-B/2")
+    si.set_defaults(func=run_dit, time="sit")
+
+    ld = sub.add_parser(
+        "lightningdit",
+        help="official LightningDiT checkpoint (hustvl/LightningDiT: lightningdit-xl-imgnet-64ep.pt ...) -> a genvis DiT "
+        "model folder with LightningDiT's options",
+        description="Sizes, patch, latent channels, classes and the options (RMSNorm, SwiGLU, qk-norm, 2D RoPE, "
+        "wo_shift) are read off the tensor shapes; the saved RoPE tables are checked against genvis's and dropped; a "
+        "training checkpoint's 'ema' entry is taken. The network counts time as SiT does (schedule 'sit', velocity). "
+        "Loads with torch.load(weights_only=True).",
+    )
+    _generator_arguments(ld, "the tokenizer whose latents the model generates (LightningDiT: `genvis import vae` of "
+                         "VA-VAE f16d32, with its per-channel latent statistics)")
+    ld.add_argument("--heads", type=int, default=None, metavar="N",
+                    help="attention heads, for a width outside LightningDiT's sizes (768, 1024, 1152, 1536, 1792)")
+    ld.set_defaults(func=run_lightningdit)
 
     v = sub.add_parser(
         "vq",
@@ -154,10 +182,12 @@ def _check_tokenizer(check, model, tokenizer, args) -> None:
 
 
 def run_dit(args) -> int:
-    from genvis.models.dit import DiT, dit_config, infer_dit_config, parse_arch
+    """`genvis import dit` (eps + learned variance on DiT's 1000 steps) and `genvis import sit` (the same keys, SiT's
+    time and velocity)."""
+    from genvis.models.dit import dit_config, infer_dit_config, parse_arch
 
     try:
-        size, patch = parse_arch(args.arch)
+        size, patch = parse_arch(args.arch, prefix="SiT" if args.time == "sit" else "DiT")
     except ValueError as err:
         raise GenvisError(f"--arch: {err}") from None
     ckpt_path, state = _read_generator_state(args)
@@ -171,6 +201,29 @@ def run_dit(args) -> int:
         if inferred[key] != config[key]:
             raise GenvisError(f"{ckpt_path}: {key} is {inferred[key]} but --arch {args.arch} has {config[key]}")
     config.update({k: v for k, v in inferred.items() if k not in ("hidden_size", "depth")})
+    time = dict(prediction_type="velocity", schedule="sit") if args.time == "sit" else dict(prediction_type="eps",
+                                                                                           schedule="linear")
+    _import_dit({**config, **time}, state, ckpt_path, args, args.arch)
+    return 0
+
+
+def run_lightningdit(args) -> int:
+    from genvis.models.dit import convert_lightningdit_state_dict
+
+    ckpt_path, state = _read_generator_state(args)
+    try:
+        config, state = convert_lightningdit_state_dict(state, num_heads=args.heads)
+    except ValueError as err:
+        raise GenvisError(f"{ckpt_path}: {err}") from None
+    _import_dit(config, state, ckpt_path, args, f"LightningDiT (width {config['hidden_size']}, depth {config['depth']}, "
+                f"patch {config['patch_size']})")
+    return 0
+
+
+def _import_dit(config: dict, state: dict, ckpt_path: Path, args, what: str) -> None:
+    """Build the DiT `config` describes, load `state` strictly, check --tokenizer's channels, write OUT_DIR."""
+    from genvis.models.dit import DiT
+
     tokenizer = None
     if args.tokenizer is not None:
         from genvis.tokenizers import load_tokenizer
@@ -179,11 +232,10 @@ def run_dit(args) -> int:
         if tokenizer.latent_channels not in (None, config["in_channels"]):
             raise GenvisError(f"--tokenizer {args.tokenizer}: its latents have {tokenizer.latent_channels} channels, the "
                               f"checkpoint's model takes {config['in_channels']}")
-    model = DiT(**config, prediction_type="eps", schedule="linear")
-    load_state_strict(model, state, str(ckpt_path), args.arch)
+    model = DiT(**config)
+    load_state_strict(model, state, str(ckpt_path), what)
     out = _write_generator(model, args, tokenizer)
-    print(f"imported {args.arch} ({model.num_params() / 1e6:.2f}M parameters) to {out}")
-    return 0
+    print(f"imported {what} ({model.num_params() / 1e6:.2f}M parameters) to {out}")
 
 
 def _write_tokenizer(model, converted, ckpt_path: Path, out: Path) -> None:

@@ -3,7 +3,9 @@
 - eps on the discrete VP schedule, optionally with learned variance (DiT / improved DDPM's hybrid
   loss: MSE on eps + the variational bound term with a stop-gradient on the mean).
 - v on the discrete VP schedule.
-- rectified flow: velocity prediction, uniform or logit-normal time sampling (SD3 / LightningDiT).
+- rectified flow: velocity prediction, uniform or logit-normal time sampling (SD3 / LightningDiT), optionally
+  with LightningDiT's cosine loss on the velocity direction.
+- SiT's interpolants (the flow line, GVP) with velocity, score or noise prediction.
 
 All randomness (t, noise) is passed in by the caller, which draws it from a per-step seeded
 generator: training is then bit-reproducible on resume and independent of the process count.
@@ -14,6 +16,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from genvis.diffusion.predictions import per_sample, target, to_x0_eps
 from genvis.diffusion.schedules import DiscreteVPSchedule, Schedule
@@ -64,6 +67,10 @@ class VPPosterior:
         return table.to(x.device)[t.long()].float().view(-1, *([1] * (x.ndim - 1)))
 
 
+# the training task's objective names -> the network's prediction type
+PREDICTIONS = {"eps": "eps", "v": "v", "flow": "velocity", "score": "score"}
+
+
 class DiffusionObjective:
     """Loss for a generator whose output type is `prediction` on `schedule`.
 
@@ -73,6 +80,11 @@ class DiffusionObjective:
         learn_sigma: the network returns 2C channels; adds the VLB term (eps on discrete VP only).
         time_sampling: uniform | logit_normal (continuous schedules only).
         logit_mean, logit_std: parameters of the logit-normal time density.
+        cosine_weight: velocity only: adds weight * (1 - cos(output, target)) over channels, averaged over positions
+            (LightningDiT's cosine loss on the velocity direction; it uses 1).
+
+    A score network's loss is SiT's: mean (sigma * output + eps)^2, the score error weighted by sigma^2 (finite
+    where sigma -> 0).
     """
 
     def __init__(
@@ -83,7 +95,10 @@ class DiffusionObjective:
         time_sampling: str = "uniform",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
+        cosine_weight: float = 0.0,
     ):
+        if cosine_weight and prediction != "velocity":
+            raise ValueError("the cosine loss is defined on a velocity prediction")
         if learn_sigma and not (isinstance(schedule, DiscreteVPSchedule) and prediction == "eps"):
             raise ValueError("learned variance is defined for eps prediction on a discrete VP schedule")
         self.schedule = schedule
@@ -92,6 +107,7 @@ class DiffusionObjective:
         self.time_sampling = time_sampling
         self.logit_mean = logit_mean
         self.logit_std = logit_std
+        self.cosine_weight = cosine_weight
         self.posterior = VPPosterior(schedule) if learn_sigma else None
 
     def sample_time(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -111,9 +127,15 @@ class DiffusionObjective:
         out = model_fn(x_t, t_model, **cond).float()
         dalpha = dsigma = None
         if self.prediction == "velocity":
-            dalpha, dsigma = (per_sample(v, x0) for v in self.schedule.alpha_sigma_derivatives(t))
+            dalpha, dsigma = (per_sample(v, x0) for v in self.schedule.velocity_derivatives(t))
+        if self.prediction == "score":
+            return mean_flat((sigma * out + noise) ** 2)
         if not self.learn_sigma:
-            return mean_flat((out - target(self.prediction, x0, noise, alpha, sigma, dalpha, dsigma)) ** 2)
+            goal = target(self.prediction, x0, noise, alpha, sigma, dalpha, dsigma)
+            loss = mean_flat((out - goal) ** 2)
+            if self.cosine_weight:
+                loss = loss + self.cosine_weight * mean_flat(1 - F.cosine_similarity(out, goal, dim=1))
+            return loss
         eps_out, var_values = out.chunk(2, dim=1)
         mse = mean_flat((eps_out - noise) ** 2)
         # VLB term with the mean frozen: it trains only the variance (improved DDPM, DiT).
@@ -137,6 +159,6 @@ class DiffusionObjective:
 
 
 def objective_for(schedule: Schedule, objective: str, learn_sigma: bool, **kwargs) -> DiffusionObjective:
-    """Config name (eps | v | flow) -> objective with the model's prediction type."""
-    prediction = {"eps": "eps", "v": "v", "flow": "velocity"}[objective]
+    """Config name (eps | v | flow | score) -> objective with the model's prediction type."""
+    prediction = PREDICTIONS[objective]
     return DiffusionObjective(schedule, prediction, learn_sigma=learn_sigma and objective == "eps", **kwargs)

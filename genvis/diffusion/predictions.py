@@ -99,7 +99,7 @@ class Denoiser:
             alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t64))
             dalpha = dsigma = None
             if self.prediction == "velocity":
-                dalpha, dsigma = (float(v) for v in self.schedule.alpha_sigma_derivatives(t64))
+                dalpha, dsigma = (float(v) for v in self.schedule.velocity_derivatives(t64))
             self._coefficients[t] = (alpha, sigma, dalpha, dsigma)
         return self._coefficients[t]
 
@@ -121,7 +121,7 @@ class Denoiser:
             alpha, sigma = per_sample(alpha64, x), per_sample(sigma64, x)
             dalpha = dsigma = None
             if self.prediction == "velocity":
-                dalpha, dsigma = (per_sample(v, x) for v in self.schedule.alpha_sigma_derivatives(t))
+                dalpha, dsigma = (per_sample(v, x) for v in self.schedule.velocity_derivatives(t))
         if self.prediction in ("eps", "score") and alpha_zero:
             raise ValueError(f"an {self.prediction!r} prediction cannot give x0 where alpha = 0 (t = {t.max().item():g}); "
                              "start the grid below the noise end or use a velocity, v or x0 model")

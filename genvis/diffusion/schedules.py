@@ -14,7 +14,9 @@ and timestep grids are written against that interface only, so each works with e
 - FlowSchedule: rectified flow, x_t = (1 - t) x0 + t eps, t in [0, 1], t = 1 noise (the
   diffusers / SD3 direction). `shift` is the resolution shift of the default timestep grid
   (applied once, by the grid; never to the schedule itself). SiT and LightningDiT count time the
-  other way (t = 1 data); `sit_time` converts, and nothing else in genvis does.
+  other way (t = 1 data): SiTFlowSchedule ("sit") is the flow schedule for such networks; `sit_time`
+  converts, and nothing else in genvis does.
+- GVPSchedule: SiT's generalised VP interpolant, alpha = cos(pi t / 2), sigma = sin(pi t / 2), t = 1 noise.
 - EDMSchedule: Karras et al. 2022, x_t = x0 + t eps with t = sigma in [0, 80].
 """
 from __future__ import annotations
@@ -107,6 +109,15 @@ class Schedule:
     def to_model_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the network's timestep embedder sees for schedule time t."""
         return t
+
+    def from_model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The schedule time of the network's time t (the inverse of to_model_time)."""
+        return t
+
+    def velocity_derivatives(self, t) -> Tuple[torch.Tensor, torch.Tensor]:
+        """d alpha, d sigma with respect to the network's time: a velocity prediction is d x_t / d(model time)
+        = d alpha x0 + d sigma eps. The schedule's own derivatives, unless the network counts time backwards."""
+        return self.alpha_sigma_derivatives(t)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
@@ -235,6 +246,46 @@ class FlowSchedule(Schedule):
         return -torch.ones_like(t), torch.ones_like(t)
 
 
+class GVPSchedule(Schedule):
+    """SiT's generalised VP interpolant in genvis's time (t = 1 noise): alpha = cos(pi t / 2), sigma = sin(pi t / 2),
+    so alpha^2 + sigma^2 = 1 along a quarter circle (SiT's GVP with s = 1 - t). Grids start at t = 0.999 (alpha
+    0.0016, log-SNR -6.5), as the cosine schedule's do: the VP samplers step in sigma / alpha."""
+
+    name = "gvp"
+    data_end = 0.0
+    noise_end = 0.999
+    t_min = 1e-3
+
+    def alpha_sigma(self, t):
+        t = f64(t)
+        return torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
+
+    def t_of_log_snr(self, lam):
+        return 2.0 / math.pi * torch.atan(torch.exp(-f64(lam)))
+
+    def alpha_sigma_derivatives(self, t):
+        alpha, sigma = self.alpha_sigma(t)
+        return -math.pi / 2 * sigma, math.pi / 2 * alpha
+
+
+class SiTFlowSchedule(FlowSchedule):
+    """Rectified flow for networks that count time the other way (SiT, LightningDiT: s = 1 - t, s = 1 data) and
+    predict d x / ds = x0 - eps. genvis's time stays t = 1 noise; only what the network sees and the sign of its
+    velocity change (`sit_time`)."""
+
+    name = "sit"
+
+    def to_model_time(self, t):
+        return sit_time(t)
+
+    def from_model_time(self, t):
+        return sit_time(t)
+
+    def velocity_derivatives(self, t):
+        dalpha, dsigma = self.alpha_sigma_derivatives(t)
+        return -dalpha, -dsigma  # d/ds = -d/dt
+
+
 class EDMSchedule(Schedule):
     """x_t = x0 + sigma eps with t = sigma (Karras et al. 2022); the model sees t = sigma."""
 
@@ -259,13 +310,14 @@ class EDMSchedule(Schedule):
         return float(t)  # the EDM sampler starts from sigma_max * N(0, I)
 
 
-SCHEDULES = ("linear", "scaled_linear", "squaredcos", "vp-linear", "cosine", "flow", "edm")
+SCHEDULES = ("linear", "scaled_linear", "squaredcos", "vp-linear", "cosine", "flow", "gvp", "sit", "edm")
 
 
 def make_schedule(name: str, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                   shift: float = 1.0) -> Schedule:
     """A schedule by name: "linear" (DiT's 1000 linear betas), "scaled_linear" (SD), "squaredcos"
-    (discrete cosine), "vp-linear" / "cosine" (continuous VP), "flow" (rectified flow), "edm"."""
+    (discrete cosine), "vp-linear" / "cosine" (continuous VP), "flow" (rectified flow), "gvp" (SiT's GVP
+    interpolant), "sit" (rectified flow, the network in SiT's time and velocity sign), "edm"."""
     if name == "linear":
         return DiscreteVPSchedule(linear_betas(num_timesteps, beta_start, beta_end), "linear")
     if name == "scaled_linear":
@@ -278,6 +330,10 @@ def make_schedule(name: str, num_timesteps: int = 1000, beta_start: float = 1e-4
         return ContinuousVPSchedule("cosine")
     if name == "flow":
         return FlowSchedule(shift)
+    if name == "sit":
+        return SiTFlowSchedule(shift)
+    if name == "gvp":
+        return GVPSchedule()
     if name == "edm":
         return EDMSchedule()
     raise ValueError(f"unknown schedule {name!r}; expected one of: {', '.join(SCHEDULES)}")

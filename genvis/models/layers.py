@@ -15,9 +15,68 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation; x [B, N, C], shift/scale [B, C]."""
+def modulate(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; x [B, N, C], shift/scale [B, C] (shift None: scale only, LightningDiT's wo_shift)."""
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, normalised in float32 (LLaMA / LightningDiT)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """A DiT block's pre-norm: "layernorm" (DiT's: no affine, eps 1e-6) or "rmsnorm" (with weight, eps 1e-6)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(x1) * x2) with [x1, x2] = w12(x) (LightningDiT's SwiGLUFFN layout, biases included)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def rope_2d(head_dim: int, grid: Tuple[int, int], theta: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [rows * columns, head_dim] of 2D axial rotary embeddings on a token grid (EVA-02's
+    VisionRotaryEmbeddingFast, LightningDiT's layout): the first half of a head's channels rotates with the
+    token's row, the second with its column; in each half, channel pair (2i, 2i+1) turns by position *
+    theta^(-2i / (head_dim / 2)). Tokens are listed row by row."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64) / half)  # [half / 2]
+    rows, cols = grid
+    angle_r = torch.repeat_interleave(torch.arange(rows, dtype=torch.float64)[:, None] * freqs, 2, dim=-1)
+    angle_c = torch.repeat_interleave(torch.arange(cols, dtype=torch.float64)[:, None] * freqs, 2, dim=-1)
+    angles = torch.cat([angle_r[:, None].expand(rows, cols, half), angle_c[None].expand(rows, cols, half)], dim=-1)
+    angles = angles.reshape(rows * cols, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [..., N, D] by the angles whose cos / sin [N, D] are given."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -94,17 +153,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (with bias)."""
+    """Multi-head self-attention with a fused qkv projection (with bias); optionally q / k normalised per head
+    (`qk_norm`: "layernorm" as timm's, affine with eps 1e-5, or "rmsnorm") and rotated by RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: Optional[str] = None):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        head_dim = dim // num_heads
+        if qk_norm is not None:
+            norm = (lambda: RMSNorm(head_dim)) if qk_norm == "rmsnorm" else (lambda: nn.LayerNorm(head_dim))
+            self.q_norm, self.k_norm = norm(), norm()
+        else:
+            self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = attention(q, k, v)  # B, H, N, Dh
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 

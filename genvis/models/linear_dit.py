@@ -231,6 +231,9 @@ class LinearDiTConfig(DiTConfig):
     def validate(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"key 'model.recipe': {self.recipe!r} is not one of {', '.join(RECIPES)}")
+        for key in ("norm", "qk_norm", "rope", "adaln_shift"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"key 'model.{key}': a DiT option (arch: dit); linear_dit keeps DiT's blocks, set null")
         if self.size not in DIT_SIZES:
             raise ConfigError(f"key 'model.size': {self.size!r} is not one of {', '.join(DIT_SIZES)}")
         if self.patch_size not in (1, 2, 4, 8):

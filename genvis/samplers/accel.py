@@ -12,7 +12,8 @@
       cached call:  h_k = B_{1..k}(embed(x, t, y)),  out = head(h_k + r_stored)
 
 Both wrap a model function model_fn(x, t, **cond) that sees the times the Denoiser passes it
-(schedule time, `Schedule.to_model_time`, which is the identity for every genvis schedule).
+(`Schedule.to_model_time` of the schedule time: the identity, except for SiT-time networks, schedule "sit",
+which count the other way; T-Stitch is told the schedule and switches at the same point of the path).
 """
 from __future__ import annotations
 
@@ -23,16 +24,18 @@ import torch
 
 
 class TStitch:
-    """model_fn(x, t, **cond) calling `small_fn` where t > switch_time and `large_fn` elsewhere.
+    """model_fn(x, t, **cond) calling `small_fn` where t > switch_time (t < switch_time for networks whose time runs
+    from noise to data, `reversed`) and `large_fn` elsewhere.
 
     Every sample of a batch must fall on the same side of the switch (samplers call the model
     with one time per step). `small_calls` / `large_calls` count the calls to each model.
     """
 
-    def __init__(self, small_fn: Callable, large_fn: Callable, switch_time: float):
+    def __init__(self, small_fn: Callable, large_fn: Callable, switch_time: float, reversed: bool = False):
         self.small_fn = small_fn
         self.large_fn = large_fn
         self.switch_time = float(switch_time)
+        self.reversed = reversed
         self.small_calls = 0
         self.large_calls = 0
 
@@ -40,7 +43,8 @@ class TStitch:
         """Whether time(s) t go to the small model (the threshold is compared in t's own dtype, so
         a grid time passed as float32 lands on the same side as in float64)."""
         t = torch.as_tensor(t)
-        above = t > torch.tensor(self.switch_time, dtype=t.dtype if t.is_floating_point() else torch.float64)
+        switch = torch.tensor(self.switch_time, dtype=t.dtype if t.is_floating_point() else torch.float64)
+        above = t < switch if self.reversed else t > switch
         if bool(above.all()):
             return True
         if not bool(above.any()):
@@ -55,7 +59,7 @@ class TStitch:
         return self.large_fn(x, t, *args, **cond)
 
 
-def tstitch(small_fn: Callable, large_fn: Callable, grid, fraction: float = 0.4) -> TStitch:
+def tstitch(small_fn: Callable, large_fn: Callable, grid, fraction: float = 0.4, schedule=None) -> TStitch:
     """T-Stitch on a K-interval grid: the small model runs the first n = round(fraction * K) steps
     (rounded half up), the large model the remaining K - n.
 
@@ -63,7 +67,8 @@ def tstitch(small_fn: Callable, large_fn: Callable, grid, fraction: float = 0.4)
     every call with t > grid[n] (the grid times grid[0..n-1] and every intermediate evaluation of a
     multi-stage solver inside those steps), the large model every call with t <= grid[n]. fraction 0
     is the large model alone, fraction 1 the small model alone. `grid` is a genvis grid (descending,
-    ending at the data end), the one the sampler will be run on.
+    ending at the data end), the one the sampler will be run on; `schedule` (when given) converts the switch
+    to the networks' own time (`to_model_time`), which SiT-time networks count the other way.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"T-Stitch fraction must lie in [0, 1], got {fraction}")
@@ -72,7 +77,11 @@ def tstitch(small_fn: Callable, large_fn: Callable, grid, fraction: float = 0.4)
         raise ValueError("T-Stitch needs a grid with at least one step")
     steps = len(grid) - 1
     n_small = math.floor(fraction * steps + 0.5)
-    return TStitch(small_fn, large_fn, float(grid[n_small]))
+    switch = grid[n_small]
+    if schedule is None:
+        return TStitch(small_fn, large_fn, float(switch))
+    ends = schedule.to_model_time(torch.tensor([schedule.data_end, schedule.noise_end], dtype=torch.float64))
+    return TStitch(small_fn, large_fn, float(schedule.to_model_time(switch)), reversed=bool(ends[1] < ends[0]))
 
 
 class DiTStepCache:

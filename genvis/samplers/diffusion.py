@@ -46,7 +46,7 @@ def accelerated(model, grid, stitch_small=None, stitch_fraction: float = 0.4, ca
 
     if stitch_small is None:
         return cached(model)
-    return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction)
+    return tstitch(cached(stitch_small), cached(model), grid, stitch_fraction, schedule=schedule_for_model(model))
 
 
 def check_tokenizer(model, tokenizer) -> None:

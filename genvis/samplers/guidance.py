@@ -93,7 +93,8 @@ class ClassifierFreeGuidance:
             w = self.cfg.scale
             unguided = w == 1.0
         else:
-            w = self.cfg.scale_at(self.schedule.normalized_time(t.double().cpu())).to(x.device)
+            u = self.schedule.normalized_time(self.schedule.from_model_time(t.double().cpu()))  # t: the network's time
+            w = self.cfg.scale_at(u).to(x.device)
             unguided = bool((w == 1.0).all())
         if unguided:
             return self.model_fn(x, t, y)

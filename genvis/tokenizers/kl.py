@@ -99,14 +99,14 @@ class KLTokenizer(Tokenizer):
         return cls(vae)
 
     def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None, sync=None) -> Dict[str, torch.Tensor]:
-        """Training pass: images [B, C, H, W] -> {"reconstruction", "kl" (the batch's mean KL), "mean", "logvar"}
-        (raw latent space, before normalisation). With `noise` [B, c, h, w] the decoder sees the posterior sample
-        mean + std * noise (LDM trains on posterior samples); without it, the mean. `sync` is unused (no
-        statistics of the global batch)."""
+        """Training pass: images [B, C, H, W] -> {"reconstruction", "kl" (the batch's mean KL), "mean", "logvar",
+        "latents" (what the decoder saw)} (raw latent space, before normalisation). With `noise` [B, c, h, w] the
+        decoder sees the posterior sample mean + std * noise (LDM trains on posterior samples); without it, the
+        mean. `sync` is unused (no statistics of the global batch)."""
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean if noise is None else posterior.mean + posterior.std * noise
         return {"reconstruction": self.vae.decode(z).sample, "kl": kl_loss(posterior.mean, posterior.logvar).mean(),
-                "mean": posterior.mean, "logvar": posterior.logvar}
+                "mean": posterior.mean, "logvar": posterior.logvar, "latents": z}
 
     def draw_shape(self, image_shape) -> Dict[str, Tuple[int, ...]]:
         """Per image, the random numbers one training step takes: the posterior noise."""
@@ -116,6 +116,11 @@ class KLTokenizer(Tokenizer):
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where the adaptive GAN weight is measured (taming)."""
         return self.vae.decoder.conv_out.weight
+
+    @property
+    def encoder_last_layer(self) -> torch.Tensor:
+        """The encoder's last weight, where VA-VAE measures the adaptive alignment weight."""
+        return self.vae.encoder.conv_out.weight
 
     @torch.no_grad()
     def measure_normalisation(self, batches: Iterable[torch.Tensor], normalisation: str = "per_channel") -> dict:

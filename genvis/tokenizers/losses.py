@@ -287,6 +287,31 @@ def digits_conv() -> nn.Sequential:
     )
 
 
+def load_digits_conv(path: Optional[PathLike] = None) -> nn.Sequential:
+    """`digits_conv()` with the classifier's `conv.*` tensors from `path` (default: the shipped
+    genvis/evaluation/assets/digits_classifier.safetensors), read as a file."""
+    path = Path(path) if path is not None else DIGITS_CLASSIFIER_PATH
+    conv = digits_conv()
+    expected = "genvis's digits classifier weights (conv.N.weight/bias of DigitsClassifier)"
+    state = _read_state_dict(path, "digits classifier weights", expected)
+    with torch.no_grad():
+        for key, param in conv.state_dict(prefix="conv.", keep_vars=True).items():
+            param.copy_(_take(state, key, param.shape, path, expected))
+    return conv
+
+
+def digits_input(x: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] in [-1, 1] (C = 1 or 3) as the digits classifier sees them: grey (the channel mean),
+    16x16 (bilinear, antialiased, as its prepare_images), float32; differentiable."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise GenvisError(f"images of shape {tuple(x.shape)}: expected [B, C, H, W] with C = 1 or 3")
+    h = x.float().mean(dim=1, keepdim=True)
+    if h.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
+        h = F.interpolate(h, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return h
+
+
 class DigitsPerceptual(_FrozenPerceptual):
     """An LPIPS-like distance in the feature space of genvis's digits classifier (no learned heads):
 
@@ -303,26 +328,15 @@ class DigitsPerceptual(_FrozenPerceptual):
 
     def __init__(self, path: Optional[PathLike] = None):
         super().__init__()
-        path = Path(path) if path is not None else DIGITS_CLASSIFIER_PATH
-        self.conv = digits_conv()
-        expected = "genvis's digits classifier weights (conv.N.weight/bias of DigitsClassifier)"
-        state = _read_state_dict(path, "digits classifier weights", expected)
-        with torch.no_grad():
-            for key, param in self.conv.state_dict(prefix="conv.", keep_vars=True).items():
-                param.copy_(_take(state, key, param.shape, path, expected))
+        self.conv = load_digits_conv(path)
         self._freeze()
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """x, x_rec [B, C, H, W] in [-1, 1], C = 1 or 3 -> distance [B] (differentiable in both)."""
         if x.shape != x_rec.shape:
             raise GenvisError(f"reconstruction of shape {tuple(x_rec.shape)}: expected the images' shape {tuple(x.shape)}")
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise GenvisError(f"images of shape {tuple(x.shape)}: expected [B, C, H, W] with C = 1 or 3")
         B = x.shape[0]
-        h = torch.cat([x, x_rec]).float().mean(dim=1, keepdim=True)  # 2B, 1, H, W
-        if h.shape[-2:] != (DIGITS_RESOLUTION, DIGITS_RESOLUTION):
-            h = F.interpolate(h, size=(DIGITS_RESOLUTION, DIGITS_RESOLUTION), mode="bilinear", antialias=True,
-                              align_corners=False)
+        h = digits_input(torch.cat([x, x_rec]))  # 2B, 1, 16, 16
         total = h.new_zeros(B)
         for i, layer in enumerate(self.conv[: self.RELUS[-1] + 1]):
             h = layer(h)
@@ -423,6 +437,76 @@ class LPIPS(_FrozenPerceptual):
         return total
 
 
+#################################################################################
+#        VA-VAE: aligning the latents with a frozen vision foundation model      #
+#################################################################################
+
+ALIGN_FEATURES = ("digits", "dinov2")
+
+
+def alignment_loss(z: torch.Tensor, feat: torch.Tensor, distmat_margin: float = 0.25, cos_margin: float = 0.5,
+                   distmat_weight: float = 1.0, cos_weight: float = 1.0) -> torch.Tensor:
+    """VA-VAE's vision-foundation alignment (Yao et al. 2025, hustvl/LightningDiT vavae): z, feat [B, C, h, w]
+    (z already projected to the features' width).
+
+        marginal distance-matrix similarity: mean over b, i, j of relu(|cos(z_i, z_j) - cos(f_i, f_j)| - m1)
+        marginal cosine similarity:          mean over b, i    of relu(1 - m2 - cos(z_i, f_i))
+
+    cosines over channels between positions i, j of one image; returns distmat_weight * the first + cos_weight *
+    the second (a scalar)."""
+    zn, fn = F.normalize(z.flatten(2), dim=1), F.normalize(feat.flatten(2), dim=1)  # B, C, hw
+    diff = (zn.transpose(1, 2) @ zn - fn.transpose(1, 2) @ fn).abs()  # B, hw, hw
+    distmat = F.relu(diff - distmat_margin).mean()
+    cos = F.relu(1 - cos_margin - F.cosine_similarity(feat, z, dim=1)).mean()
+    return distmat_weight * distmat + cos_weight * cos
+
+
+class DigitsFeatures(_FrozenPerceptual):
+    """The digits classifier's first block (two 3x3 convs + ReLU, 2x2 max pool): [B, 32, 8, 8] feature maps of
+    16x16 digits, the frozen "foundation model" of the digits VA-VAE."""
+
+    dim = 32
+
+    def __init__(self, path: Optional[PathLike] = None):
+        super().__init__()
+        self.conv = load_digits_conv(path)[:5]
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(digits_input(x))
+
+
+class FoundationAlignment(nn.Module):
+    """VA-VAE's alignment term: a trainable 1x1 projection (no bias; VA-VAE's reverse_proj) takes the latents
+    [B, c, h, w] to the frozen features' width; the features are resized (bilinear) to h x w when they differ;
+    forward(images, z) -> `alignment_loss` (a scalar). Only the projection trains; it is not exported.
+    features: "digits" (the digits classifier's first block; `path` overrides the shipped weights) or "dinov2"
+    (genvis.tokenizers.dinov2 from the local weights file `path`, VA-VAE's ImageNet choice)."""
+
+    def __init__(self, latent_channels: int, features: str = "digits", path: Optional[PathLike] = None, **margins):
+        super().__init__()
+        if features not in ALIGN_FEATURES:
+            raise GenvisError(f"alignment features {features!r}: expected one of {', '.join(ALIGN_FEATURES)}")
+        if features == "dinov2":
+            from genvis.tokenizers.dinov2 import load_dinov2
+
+            if path is None:
+                raise GenvisError("alignment features 'dinov2' need a local DINOv2 weights file (task.align_weights: "
+                                  "e.g. timm's vit_large_patch14_dinov2.lvd142m as .safetensors); nothing downloads one")
+            self.features = load_dinov2(path)
+        else:
+            self.features = DigitsFeatures(path)
+        self.proj = nn.Conv2d(latent_channels, self.features.dim, 1, bias=False)
+        self.margins = margins
+
+    def forward(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feat = self.features(images)
+        if feat.shape[-2:] != z.shape[-2:]:
+            feat = F.interpolate(feat, size=z.shape[-2:], mode="bilinear", align_corners=False)
+        return alignment_loss(self.proj(z.float()), feat, **self.margins)
+
+
 def build_perceptual(kind: str = "auto", weights: Optional[PathLike] = None,
                      heads: Optional[PathLike] = None) -> Tuple[Optional[nn.Module], str]:
     """(perceptual module or None, a description for the run log) of a perceptual-loss choice:
@@ -453,5 +537,6 @@ def build_perceptual(kind: str = "auto", weights: Optional[PathLike] = None,
 
 __all__ = [
     "reconstruction_loss", "kl_loss", "PatchDiscriminator", "hinge_d_loss", "hinge_g_loss", "adaptive_weight",
-    "LeCam", "DigitsPerceptual", "LPIPS", "lpips_package_heads", "build_perceptual",
+    "LeCam", "DigitsPerceptual", "LPIPS", "lpips_package_heads", "build_perceptual", "alignment_loss",
+    "FoundationAlignment",
 ]

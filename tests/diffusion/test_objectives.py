@@ -6,7 +6,7 @@ import torch
 
 from genvis.diffusion.objectives import DiffusionObjective, objective_for
 from genvis.diffusion.predictions import Denoiser, target, to_x0_eps
-from genvis.diffusion.schedules import DiscreteVPSchedule, FlowSchedule, linear_betas, sit_time
+from genvis.diffusion.schedules import DiscreteVPSchedule, FlowSchedule, linear_betas, make_schedule, sit_time
 
 
 def _draw(n=64, seed=0):
@@ -38,6 +38,32 @@ def test_flow_velocity_and_sit_time():
     a, sg = s.alpha_sigma(torch.tensor(0.3))
     assert torch.allclose(target("velocity", x0, eps, a, sg, da, ds), eps - x0)
     assert float(sit_time(torch.tensor(0.25))) == 0.75  # SiT: t = 1 data
+
+
+def test_a_sit_network_sees_its_own_time_and_velocity():
+    """schedule "sit": SiT's path x = s x0 + (1 - s) eps with s = 1 - t (s = 1 data) and its network's output
+    d x / ds = x0 - eps, written from the SiT paper; the denoiser recovers x0 from it, and the training target
+    is that same velocity at the same model time."""
+    x0, eps = _draw()
+    t = torch.full((64,), 0.3, dtype=torch.float64)
+    s = 1.0 - t[:, None]
+    x_t = s * x0 + (1 - s) * eps
+    seen = []
+
+    def sit_network(x, s_model):
+        seen.append(s_model)
+        return (x0 - eps).float()  # the exact SiT velocity
+
+    schedule = make_schedule("sit")
+    torch.testing.assert_close(FlowSchedule().alpha_sigma(t)[0][:, None] * x0 + t[:, None] * eps, x_t)
+    denoiser = Denoiser(sit_network, schedule, "velocity")
+    pred = denoiser.predict(x_t.float(), 0.3)
+    assert torch.allclose(seen[0], torch.full((64,), 0.7))
+    torch.testing.assert_close(pred.x0.double(), x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.eps.double(), eps, atol=1e-5, rtol=0)
+    da, ds = schedule.velocity_derivatives(t)
+    a, sg = schedule.alpha_sigma(t)
+    torch.testing.assert_close(target("velocity", x0, eps, a[:, None], sg[:, None], da[:, None], ds[:, None]), x0 - eps)
 
 
 def test_vp_alpha_sigma_follow_alpha_bar():
@@ -83,6 +109,29 @@ def test_flow_and_v_losses():
     t = torch.full((64,), 250)
     a, s = (float(v) for v in vp.alpha_sigma(torch.tensor(250.0)))
     assert torch.allclose(obj.loss(zero, x0, t, eps), ((a * eps - s * x0) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_cosine_score_and_gvp_losses_are_the_published_formulas():
+    """LightningDiT: |u - v|^2 + (1 - cos(u, v)) over channels, averaged over positions; SiT's score loss
+    (sigma s + eps)^2 and its GVP path x = cos(pi t / 2) x0 + sin(pi t / 2) eps with velocity d x / dt."""
+    g = torch.Generator().manual_seed(5)
+    x0, eps, out = (torch.randn(8, 4, 3, 3, generator=g) for _ in range(3))
+    t = torch.full((8,), 0.4, dtype=torch.float64)
+    model = lambda x, tt, **_: out  # noqa: E731
+    goal = eps - x0
+    cos = (out * goal).sum(1) / (out.norm(dim=1) * goal.norm(dim=1))
+    expected = ((out - goal) ** 2).mean(dim=(1, 2, 3)) + 1.0 * (1 - cos).mean(dim=(1, 2))
+    obj = objective_for(FlowSchedule(), "flow", learn_sigma=False, cosine_weight=1.0)
+    torch.testing.assert_close(obj.loss(model, x0, t, eps), expected, atol=1e-5, rtol=1e-5)
+    gvp = make_schedule("gvp")
+    c, s = math.cos(math.pi / 2 * 0.4), math.sin(math.pi / 2 * 0.4)
+    score = objective_for(gvp, "score", learn_sigma=False)
+    torch.testing.assert_close(score.loss(model, x0, t, eps), ((s * out + eps) ** 2).mean(dim=(1, 2, 3)))
+    velocity = objective_for(gvp, "flow", learn_sigma=False)
+    u = -math.pi / 2 * s * x0 + math.pi / 2 * c * eps
+    torch.testing.assert_close(velocity.loss(model, x0, t, eps), ((out - u) ** 2).mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="cosine"):
+        objective_for(gvp, "score", learn_sigma=False, cosine_weight=1.0)
 
 
 def test_logit_normal_times_and_denoiser_shapes():

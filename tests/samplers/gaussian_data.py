@@ -20,15 +20,20 @@ def _alpha_sigma(schedule, t):
 
 
 def exact_model(schedule, prediction):
-    """The exact network output of type `prediction` for N(M, S^2) data; t in schedule units."""
+    """The exact network output of type `prediction` for N(M, S^2) data; t in the network's units (schedule "sit":
+    SiT's s = 1 - t, whose velocity is d x / ds = x0 - eps, the negative of d x / dt)."""
+    sit = schedule.name == "sit"
 
     def fn(x, t, **_):
         view = (-1,) + (1,) * (x.ndim - 1)
-        alpha, sigma = (v.float().view(view) for v in schedule.alpha_sigma(t.double()))
+        t = 1.0 - t.double() if sit else t.double()
+        alpha, sigma = (v.float().view(view) for v in schedule.alpha_sigma(t))
         x0 = M + alpha * S**2 * (x - alpha * M) / (alpha**2 * S**2 + sigma**2)
         eps = (x - alpha * x0) / sigma
         if prediction == "velocity":
-            da, ds = (v.float().view(view) for v in schedule.alpha_sigma_derivatives(t.double()))
+            da, ds = (v.float().view(view) for v in schedule.alpha_sigma_derivatives(t))
+            if sit:
+                da, ds = -da, -ds
             return target(prediction, x0, eps, alpha, sigma, da, ds)
         return target(prediction, x0, eps, alpha, sigma)
 

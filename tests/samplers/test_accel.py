@@ -253,3 +253,20 @@ def test_cache_and_stitch_do_not_leak_between_batches(random_dit):
     # and the acceleration is really applied: without it the samples differ
     plain = generate(large, None, labels, batch_size=4, sampler="ddim", steps=5, precision="fp32")
     assert (together - plain).abs().max() > 1e-2
+
+
+def test_tstitch_switches_at_the_same_point_for_a_sit_time_network():
+    """Schedule "sit": the network sees s = 1 - t, so the small model (the noisy first part, t > 0.6 on a 10-step
+    grid with fraction 0.4) answers model times s < 0.4."""
+    from genvis.diffusion.schedules import make_schedule
+
+    calls = []
+    small = lambda x, s: calls.append("small") or x  # noqa: E731
+    large = lambda x, s: calls.append("large") or x  # noqa: E731
+    grid = torch.linspace(1.0, 0.0, 11, dtype=torch.float64)
+    stitch = tstitch(small, large, grid, 0.4, schedule=make_schedule("sit"))
+    x = torch.zeros(2, 1)
+    for t in (0.95, 0.61, 0.6, 0.3):
+        stitch(x, torch.full((2,), 1.0 - t))  # what the Denoiser passes a SiT-time network
+    assert calls == ["small", "small", "large", "large"]
+    assert tstitch(small, large, grid, 0.4, schedule=make_schedule("flow")).uses_small(torch.tensor([0.61]))

@@ -50,6 +50,17 @@ def test_interval_skips_the_unconditional_call_and_linear_schedule():
                           torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
+def test_interval_is_read_in_genvis_time_for_a_sit_time_network():
+    """Schedule "sit": the network (and so the guidance wrapper) sees s = 1 - t; LightningDiT's "no guidance for
+    s < 0.11" is the genvis interval [0, 0.89]."""
+    g = ClassifierFreeGuidance(net, CFG(3.0, interval=(0.0, 0.89)), NULL, pred_channels=3, schedule=make_schedule("sit"))
+    x, y = torch.zeros(4, 3, 1, 1), torch.full((4,), 1)
+    for s, guided in [(0.05, False), (0.1, False), (0.12, True), (0.9, True)]:
+        out = g(x, torch.full((4,), s), y)
+        expected = 10 + 3.0 * (1 - 10) if guided else 1.0
+        assert torch.allclose(out[:, :3], torch.full_like(out[:, :3], expected)), s
+
+
 def test_sample_with_cfg_equals_sampling_the_guided_function():
     schedule = make_schedule("flow")
 

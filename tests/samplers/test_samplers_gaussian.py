@@ -15,7 +15,8 @@ from genvis.samplers.grids import space_timesteps
 from gaussian_data import M, S, exact_model, exact_solution
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
-@pytest.mark.parametrize("schedule_name,prediction", [("linear", "eps"), ("linear", "v"), ("flow", "velocity")])
+@pytest.mark.parametrize("schedule_name,prediction", [("linear", "eps"), ("linear", "v"), ("flow", "velocity"),
+                                                    ("gvp", "velocity"), ("sit", "velocity")])
 def test_ode_samplers_converge_first_order(sampler, schedule_name, prediction):
     schedule = make_schedule(schedule_name)
     x_T = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
@@ -97,7 +98,7 @@ def test_unknown_sampler_names_choices():
         get_sampler("dpm-nope")
 
 
-@pytest.mark.parametrize("schedule_name", ["linear", "vp-linear", "cosine", "edm"])
+@pytest.mark.parametrize("schedule_name", ["linear", "vp-linear", "cosine", "gvp", "edm"])
 def test_every_prediction_type_gives_the_same_samples(schedule_name):
     """The exact network in each prediction type (eps, x0, v, velocity, score) is one denoiser."""
     schedule = make_schedule(schedule_name)

@@ -367,3 +367,43 @@ def test_build_perceptual_choices(vgg_files, tmp_path):
     with pytest.raises(GenvisError, match="'vgg'.*auto, lpips, digits, none") as err:
         build_perceptual("vgg")
     assert_one_line(err)
+
+
+def test_alignment_loss_by_hand_with_its_margins():
+    """Two positions: z = (1, 0), (1, 1), features f = (1, 0), (0, 1). Distance matrices of cosines differ by
+    1/sqrt(2) off the diagonal: relu(0.7071 - 0.25) on 2 of 4 entries; cosines z_i . f_i are 1 and 1/sqrt(2):
+    relu(1 - 0.1 - cos) counts only the second (margin 0.1)."""
+    from genvis.tokenizers.losses import alignment_loss
+
+    z = torch.tensor([[1.0, 1.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # [B, C, h, w]: columns are positions
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    r = math.sqrt(0.5)
+    distmat, cos = 2 * (r - 0.25) / 4, (0.9 - r) / 2
+    got = alignment_loss(z, f, distmat_margin=0.25, cos_margin=0.1, distmat_weight=1.0, cos_weight=1.0)
+    assert got.item() == pytest.approx(distmat + cos, abs=1e-6)
+    got = alignment_loss(z, f, distmat_margin=0.25, cos_margin=0.1, distmat_weight=2.0, cos_weight=0.5)
+    assert got.item() == pytest.approx(2 * distmat + 0.5 * cos, abs=1e-6)
+    assert alignment_loss(z, f, distmat_margin=0.8, cos_margin=0.5).item() == 0.0  # inside both margins: no pull
+    assert alignment_loss(2.5 * z, f, cos_margin=0.1).item() == pytest.approx(alignment_loss(z, f, cos_margin=0.1).item())
+
+
+def test_foundation_alignment_projects_the_latents_onto_the_digits_features():
+    """The digits VA-VAE term: the classifier's first block (32 x 8 x 8 maps of a 16x16 digit) against a 1x1 projection
+    of the latents (no bias), features resized to the latents' grid; only the projection trains."""
+    from genvis.tokenizers.losses import DigitsPerceptual, FoundationAlignment, alignment_loss
+
+    align = FoundationAlignment(4, "digits")
+    assert [n for n, p in align.named_parameters() if p.requires_grad] == ["proj.weight"]
+    images, z = torch.rand(2, 1, 16, 16) * 2 - 1, torch.randn(2, 4, 4, 4)
+    conv = DigitsPerceptual().conv
+    feat = F.interpolate(conv[:5](images), size=(4, 4), mode="bilinear", align_corners=False)
+    expected = alignment_loss(F.conv2d(z, align.proj.weight), feat)
+    torch.testing.assert_close(align(images, z), expected)
+
+
+def test_dinov2_alignment_needs_a_local_weights_file():
+    from genvis.tokenizers.losses import FoundationAlignment
+
+    with pytest.raises(GenvisError, match="task.align_weights") as err:
+        FoundationAlignment(32, "dinov2")
+    assert_one_line(err)

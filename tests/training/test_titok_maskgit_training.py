@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_run import genvis, train
+from cli_run import genvis, sample_images, train
 from tiny_runs import ROOT
 
 TITOK = str(ROOT / "configs" / "digits" / "titok.yaml")
@@ -79,10 +79,7 @@ def test_maskgit_training_reduces_the_loss_and_samples_with_no_flags(trained_mas
     assert loss[0] == pytest.approx(np.log(64), abs=0.15)  # near-uniform logits at BERT's initialisation
     model = load_model(trained_maskgit)
     assert isinstance(model, MaskGIT) and model.token_shape == (8,) and model.config.vocab_size == 64
-    out = tmp_path / "samples.npz"
-    code, stdout, stderr = genvis("sample", trained_maskgit, "--num-samples", "10", "--out", out)
-    assert code == 0, stderr[-2000:]
-    arr = np.load(out)["arr_0"]
+    arr = sample_images(trained_maskgit, 10, tmp_path)
     assert arr.shape == (10, 16, 16, 3)
     tokenizer = load_tokenizer(trained_maskgit)
     assert torch.equal(tokenizer.quantize.embedding.weight, load_tokenizer(tiny_titok).quantize.embedding.weight)
@@ -180,7 +177,7 @@ def test_dit_over_kl_titok_tokens(tmp_path, scalars):
     with no flags, giving the library's images."""
     from genvis import load_tokenizer
     from genvis.config import load_config
-    from genvis.generate import class_labels, generate
+    from genvis.generate import class_labels, generate, to_uint8
     from genvis.models import load_model
     from genvis.models.dit import DiT
 
@@ -198,14 +195,10 @@ def test_dit_over_kl_titok_tokens(tmp_path, scalars):
     model = load_model(run)
     assert isinstance(model, DiT) and model.sample_shape == (4, 1, 8) and list(model.config.input_size) == [1, 8]
     assert model.pos_embed.shape == (1, 8, 64) and model.patch_size == 1
-    out = tmp_path / "samples.npz"
-    code, _, stderr = genvis("sample", run, "--num-samples", "6", "--out", out)
-    assert code == 0, stderr[-2000:]
-    arr = np.load(out)["arr_0"]
+    arr = sample_images(run, 6, tmp_path)
     assert arr.shape == (6, 16, 16, 3)
     tokenizer = load_tokenizer(run)
     assert tokenizer.latent_shape((1, 16, 16)) == (4, 1, 8)
     sampling = load_config(str(run / "config.yaml")).sample
-    images = generate(model, tokenizer, class_labels(6, 10), seed=0, sampling=sampling)
-    expected = torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    expected = to_uint8(generate(model, tokenizer, class_labels(6, 10), seed=0, sampling=sampling))
     assert np.abs(arr[..., :1].astype(int) - expected.astype(int)).max() <= 1

@@ -18,6 +18,7 @@ from cli_run import genvis, train
 ROOT = Path(__file__).resolve().parents[2]
 VAE = str(ROOT / "configs" / "digits" / "vae.yaml")
 DIT_VAE = str(ROOT / "configs" / "digits" / "dit_vae.yaml")
+VAVAE = str(ROOT / "configs" / "digits" / "vavae.yaml")
 TINY = ["tokenizer.block_out_channels=[16,32]", "tokenizer.norm_num_groups=8", "task.disc_channels=16", "train.batch_size=16",
         "train.log_every=1", "train.mixed_precision=fp32", "train.keep_checkpoints=0", "train.warmup_steps=0",
         "tokenizer.stats_images=400"]
@@ -30,6 +31,26 @@ def trained_vae(tmp_path_factory):
     stdout = train(VAE, out, *TINY, "train.steps=60", "train.checkpoint_every=30", "task.disc_start=30")
     assert "perceptual: digits-classifier feature distance" in stdout  # the log says which perceptual term is used
     return out
+
+
+def test_vavae_alignment_trains_its_projection_and_exports_a_plain_vae(tmp_path, scalars):
+    """The digits VA-VAE preset (tiny): the alignment term is logged with a positive adaptive weight, falls as the
+    latents align with the classifier's features, and the export is the KL-VAE alone (the projection stays in
+    the run's checkpoints)."""
+    from genvis import load_tokenizer
+
+    out = tmp_path / "run"
+    stdout = train(VAVAE, out, *TINY, "train.steps=24", "train.checkpoint_every=24", "task.disc_start=100",
+                   "train.lr=3e-3", "tokenizer.stats_images=64")
+    assert "VA-VAE alignment with the digits features" in stdout
+    align, weight = scalars(out, "train/align"), scalars(out, "train/align_weight")
+    assert len(align) == 24 and all(w > 0 for w in weight)
+    assert np.mean(align[-5:]) < 0.9 * np.mean(align[:5]), (align[:5], align[-5:])
+    saved = [key for f in (out / "checkpoints").glob("step_*/model*.safetensors") for key in load_file(str(f))]
+    assert "proj.weight" in saved  # the projection is part of the run (resume), not of the tokenizer
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and len(config["latents_mean"]) == 4
+    assert load_tokenizer(out).encode(digits_images("test")[:8]).shape == (8, 4, 8, 8)
 
 
 def digits_images(split, channels=1):

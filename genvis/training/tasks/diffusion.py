@@ -12,15 +12,17 @@ from typing import Dict
 
 import torch
 
-from genvis.diffusion.objectives import objective_for
+from genvis.diffusion.objectives import PREDICTIONS, objective_for
 from genvis.diffusion.schedules import schedule_for_model
 from genvis.errors import ConfigError
 from genvis.registry import MODELS, TASKS
 from genvis.tokenizers import build_tokenizer
 from genvis.training.tasks.base import DataInfo, GeneratorTask, OptimizerSpec
 
-OBJECTIVES = ("eps", "v", "flow")
-PREDICTION = {"eps": "eps", "v": "v", "flow": "velocity"}
+OBJECTIVES = ("eps", "v", "flow", "score")
+# schedule -> the objectives it trains: DiT's discrete VP (eps, v) or a continuous interpolant of SiT's, the
+# rectified-flow line ("flow") or GVP, with velocity ("flow"), score or noise ("eps") prediction
+SCHEDULE_OBJECTIVES = {"linear": ("eps", "v"), "flow": ("flow", "score", "eps"), "gvp": ("flow", "score", "eps")}
 
 
 @dataclass
@@ -28,8 +30,8 @@ class DiffusionTaskConfig:
     """The run config's `task:` section for `name: diffusion`."""
 
     name: str = "diffusion"
-    objective: str = "eps"  # eps | v | flow
-    schedule: str = "linear"  # linear (DiT's 1000 betas) | flow
+    objective: str = "eps"  # eps | v | flow (velocity) | score
+    schedule: str = "linear"  # linear (DiT's 1000 betas) | flow (rectified flow) | gvp (SiT's GVP)
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -37,14 +39,19 @@ class DiffusionTaskConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0  # flow: resolution shift of the model's default sampling grid
+    cosine_weight: float = 0.0  # velocity: LightningDiT's cosine loss on the velocity direction (it uses 1)
 
     def validate(self) -> None:
-        for key, choices in (("objective", OBJECTIVES), ("schedule", ("linear", "flow")),
+        for key, choices in (("objective", OBJECTIVES), ("schedule", tuple(SCHEDULE_OBJECTIVES)),
                              ("time_sampling", ("uniform", "logit_normal"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"key 'task.{key}': {getattr(self, key)!r} is not one of {', '.join(choices)}")
-        if (self.objective == "flow") != (self.schedule == "flow"):
-            raise ConfigError("key 'task.schedule': objective 'flow' needs schedule 'flow' and the other objectives a VP schedule")
+        if self.objective not in SCHEDULE_OBJECTIVES[self.schedule]:
+            raise ConfigError(f"key 'task.objective': {self.objective!r} does not train on schedule {self.schedule!r}; "
+                              f"it takes {', '.join(SCHEDULE_OBJECTIVES[self.schedule])}")
+        if self.cosine_weight < 0 or (self.cosine_weight and self.objective != "flow"):
+            raise ConfigError(f"key 'task.cosine_weight': {self.cosine_weight}: a weight >= 0, and the cosine loss is "
+                              "defined on velocity (objective 'flow')")
         if self.flow_shift <= 0:
             raise ConfigError(f"key 'task.flow_shift': must be > 0, got {self.flow_shift}")
         if self.num_timesteps < 2:
@@ -72,7 +79,7 @@ class DiffusionTask(GeneratorTask):
                               "continuous latents")
         model = entry.factory(
             cfg.model, sample_shape=self.sample_shape, num_classes=data.num_classes,
-            learn_sigma=cfg.model.learn_sigma and t.objective == "eps", prediction_type=PREDICTION[t.objective],
+            learn_sigma=cfg.model.learn_sigma and t.objective == "eps", prediction_type=PREDICTIONS[t.objective],
             schedule=t.schedule, num_train_timesteps=t.num_timesteps, beta_start=t.beta_start, beta_end=t.beta_end,
             flow_shift=t.flow_shift,
         )
@@ -83,7 +90,8 @@ class DiffusionTask(GeneratorTask):
 
             PartialState().print(inherit_weights(model, cfg.model.init_from).summary())
         self.objective = objective_for(schedule_for_model(model), t.objective, model.config.learn_sigma,
-                                       time_sampling=t.time_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std)
+                                       time_sampling=t.time_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                                       cosine_weight=t.cosine_weight)
         self.null_label = data.num_classes
         self.label_dropout = cfg.model.class_dropout
         self.arch = type(model).__name__

@@ -22,6 +22,8 @@ import torch
 from genvis.errors import ConfigError
 from genvis.registry import TASKS, TOKENIZERS
 from genvis.tokenizers.losses import (
+    ALIGN_FEATURES,
+    FoundationAlignment,
     LeCam,
     PatchDiscriminator,
     adaptive_weight,
@@ -53,13 +55,25 @@ class TokenizerTaskConfig:
     disc_lr_scale: float = 1.0  # the discriminator's learning rate, relative to train.lr
     lecam_weight: float = 0.0  # LeCam regularisation of the discriminator (0 = off)
     sample_posterior: bool = True  # KL: decode posterior samples (LDM) rather than the mean
+    # VA-VAE: align the latents with a frozen feature network (digits: the digits classifier's first block)
+    align: str = "none"  # none | digits | dinov2 (a local weights file in align_weights)
+    align_weight: float = 0.1  # VA-VAE's vf_weight, times the adaptive weight (or alone, align_adaptive: false)
+    align_adaptive: bool = True  # ||grad nll|| / (||grad align|| + 1e-4) at the encoder's last layer
+    align_distmat_margin: float = 0.25
+    align_cos_margin: float = 0.5
+    align_distmat_weight: float = 1.0
+    align_cos_weight: float = 1.0
+    align_weights: Optional[str] = None  # the feature network's weights file (digits: default the shipped classifier)
     preview_num: int = 16  # training images in the reconstruction preview
 
     def validate(self) -> None:
         for key, choices in (("reconstruction", ("l1", "l2")), ("perceptual", ("auto", "lpips", "digits", "none"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"key 'task.{key}': {getattr(self, key)!r} is not one of {', '.join(choices)}")
-        for key in ("perceptual_weight", "kl_weight", "disc_weight", "disc_start", "lecam_weight", "disc_lr_scale"):
+        if self.align not in ("none",) + ALIGN_FEATURES:
+            raise ConfigError(f"key 'task.align': {self.align!r} is not one of none, {', '.join(ALIGN_FEATURES)}")
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "disc_start", "lecam_weight", "disc_lr_scale",
+                    "align_weight", "align_distmat_margin", "align_cos_margin", "align_distmat_weight", "align_cos_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"key 'task.{key}': must be >= 0, got {getattr(self, key)}")
         for key in ("disc_layers", "disc_channels", "preview_num"):
@@ -95,6 +109,13 @@ class TokenizerTask(Task):
         perceptual, self.perceptual_name = build_perceptual(t.perceptual, weights=t.lpips_weights, heads=t.lpips_heads)
         self.lecam = LeCam() if t.lecam_weight > 0 else None
         modules = {"tokenizer": tokenizer, "disc": disc}
+        if t.align != "none":
+            if tokenizer.kind != "continuous" or not hasattr(tokenizer, "encoder_last_layer"):
+                raise ConfigError(f"key 'task.align': the alignment loss is VA-VAE's, for a KL tokenizer's latents; "
+                                  f"tokenizer.arch {cfg.tokenizer.arch!r} has none")
+            modules["align"] = FoundationAlignment(
+                self.latent_shape[0], t.align, t.align_weights, distmat_margin=t.align_distmat_margin,
+                cos_margin=t.align_cos_margin, distmat_weight=t.align_distmat_weight, cos_weight=t.align_cos_weight)
         if self.lecam is not None:
             disc.lecam = self.lecam  # its EMA buffers are checkpointed with the discriminator
         if perceptual is not None:
@@ -102,7 +123,8 @@ class TokenizerTask(Task):
         return modules
 
     def optimizers(self):
-        return [OptimizerSpec("tokenizer", ("tokenizer",)), OptimizerSpec("disc", ("disc",), lr_scale=self.cfg.task.disc_lr_scale)]
+        trained = ("tokenizer", "align") if self.cfg.task.align != "none" else ("tokenizer",)  # align: its projection
+        return [OptimizerSpec("tokenizer", trained), OptimizerSpec("disc", ("disc",), lr_scale=self.cfg.task.disc_lr_scale)]
 
     def draw(self, num: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """Gaussian posterior noise ("noise"), uniform restart keys ("keys"), as the tokenizer asks."""
@@ -124,6 +146,13 @@ class TokenizerTask(Task):
             own["kl"] = t.kl_weight * out["kl"]
         if "quantizer_loss" in out:
             own["quantizer"] = out["quantizer_loss"]
+        if "align" in modules:  # VA-VAE: weight adapted at the encoder's last layer (clamped to 1e8, as VA-VAE)
+            align = modules["align"](images, out["latents"])
+            align_weight = torch.full((), t.align_weight, device=images.device)
+            if t.align_adaptive:
+                align_weight = align_weight * adaptive_weight(
+                    nll, align, _module(modules["tokenizer"]).encoder_last_layer, max_weight=1e8, reduce=self.reduce_mean)
+            own["align"] = align_weight * align
 
         # the tokenizer's adversarial term, through the unwrapped discriminator
         factor = 1.0 if step >= t.disc_start else 0.0
@@ -149,6 +178,8 @@ class TokenizerTask(Task):
             logs["log/kl"] = out["kl"].detach()
         if "quantizer_loss" in out:
             logs["log/quantizer"] = out["quantizer_loss"].detach()
+        if "align" in own:
+            logs["log/align"], logs["log/align_weight"] = align.detach(), align_weight.detach()
         return {"tokenizer": tokenizer_loss, "disc": factor * disc_loss,
                 "log/reconstruction": nll.detach(), "log/g_loss": g_loss.detach(),
                 "log/d_weight": weight.detach(), "log/d_loss": disc_loss.detach(), **logs}
@@ -193,5 +224,7 @@ class TokenizerTask(Task):
         made = (f"latents {'x'.join(map(str, self.latent_shape))}" if self.kind == "continuous"
                 else f"{'x'.join(map(str, self.latent_shape))} ids of a {self.vocab_size}-code vocabulary")
         own = "KL" if self.kind == "continuous" else "quantizer loss"
+        if t.align != "none":
+            own += f" + VA-VAE alignment with the {t.align} features"
         return (f"{self.cfg.tokenizer.arch} tokenizer ({made}; {t.reconstruction} + perceptual: {self.perceptual_name} "
                 f"+ {own} + PatchGAN from step {t.disc_start})")
