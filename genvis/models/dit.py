@@ -423,8 +423,8 @@ def infer_dit_config(state_dict: Dict[str, torch.Tensor], patch_size: int) -> di
     )
 
 
-# LightningDiT's widths -> heads (its size table: B 768/12, L 1024/16, XL 1152/16, 1p0B 1536/24, 1p6B 1792/28)
-LIGHTNINGDIT_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 24, 1792: 28}
+# width -> heads of the named sizes (LightningDiT's: B 768/12, L 1024/16, XL 1152/16, 1p0B 1536/24, 1p6B 1792/28)
+HEADS_OF_WIDTH = {hidden: heads for _, hidden, heads in DIT_SIZES.values()}
 
 
 def convert_lightningdit_state_dict(state: Dict[str, torch.Tensor], num_heads: Optional[int] = None
@@ -440,10 +440,10 @@ def convert_lightningdit_state_dict(state: Dict[str, torch.Tensor], num_heads: O
     if missing:
         raise ValueError(f"not a LightningDiT / DiT layout: missing key(s) {', '.join(missing)}")
     hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    heads = num_heads or LIGHTNINGDIT_HEADS.get(hidden)
+    heads = num_heads or HEADS_OF_WIDTH.get(hidden)
     if heads is None:
-        raise ValueError(f"width {hidden} is not one of LightningDiT's sizes ({', '.join(map(str, LIGHTNINGDIT_HEADS))}): "
-                         "give the number of heads")
+        raise ValueError(f"width {hidden} is not one of the DiT / LightningDiT sizes "
+                         f"({', '.join(map(str, HEADS_OF_WIDTH))}): give the number of heads")
     if "blocks.0.attn.q_norm.weight" in state and state["blocks.0.attn.q_norm.weight"].shape[0] * heads != hidden:
         raise ValueError(f"q_norm has width {state['blocks.0.attn.q_norm.weight'].shape[0]}, not hidden / heads = "
                          f"{hidden} / {heads}")
