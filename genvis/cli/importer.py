@@ -1,6 +1,7 @@
 """genvis import dit CKPT OUT_DIR --arch DiT-XL/2
 genvis import sit CKPT OUT_DIR --arch SiT-XL/2
 genvis import lightningdit CKPT OUT_DIR [--tokenizer DIR] [--heads N]
+genvis import vae CKPT OUT_DIR [--stats latents_stats.pt] [--scaling-factor F]
 genvis import vq CKPT OUT_DIR [--layout auto|llamagen|taming] [--codebook-size K] [--codebook-dim D] [--image-channels C]
 genvis import var-vae CKPT OUT_DIR [--scales 1,2,3,4,5,6,8,10,13,16]
 genvis import var CKPT OUT_DIR [--tokenizer DIR] [--scales LIST]
@@ -65,6 +66,25 @@ def add_parser(subparsers) -> None:
     ld.add_argument("--heads", type=int, default=None, metavar="N",
                     help="attention heads, for a width outside LightningDiT's sizes (768, 1024, 1152, 1536, 1792)")
     ld.set_defaults(func=run_lightningdit)
+
+    k = sub.add_parser(
+        "vae",
+        help="LDM-layout KL autoencoder (VA-VAE vavae-imagenet256-f16d32-dinov2.pt, MAR kl16, kl-f8 ...) -> a genvis KL "
+        "tokenizer folder (a diffusers AutoencoderKL)",
+        description="Widths, levels, latent channels and the attention blocks (VA-VAE's at the 16x16 level) are read off "
+        "the tensor shapes. A training checkpoint's 'state_dict' (or 'model') entry is taken; loss.*, foundation_model.*, "
+        "linear_proj.* and model_ema.* (training only) are dropped; a whole latent-diffusion checkpoint's "
+        "first_stage_model.* is taken. Loads with torch.load(weights_only=True).",
+    )
+    k.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt, .ckpt, .pth or .safetensors)")
+    k.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    k.add_argument("--stats", default=None, metavar="FILE",
+                   help="per-channel latent mean and std stored in the tokenizer, so generators see (z - mean) / std: "
+                   "LightningDiT's latents_stats.pt ({'mean', 'std'} of [1, C, 1, 1]). Default: none stored")
+    k.add_argument("--scaling-factor", type=float, default=1.0, metavar="F",
+                   help="multiplies the normalised latents (LightningDiT's latent_multiplier 1.0; kl-f8 without "
+                   "--stats: SD's 0.18215). Default: 1.0")
+    k.set_defaults(func=run_vae)
 
     v = sub.add_parser(
         "vq",
@@ -252,6 +272,37 @@ def _dropped(converted) -> str:
     if converted.layout == "taming":
         return f"; dropped {len(converted.dropped)} loss.* keys"
     return f"; dropped {', '.join(converted.dropped)}"
+
+
+def run_vae(args) -> int:
+    from diffusers import AutoencoderKL
+
+    from genvis.tokenizers.kl import KLTokenizer
+    from genvis.tokenizers.kl_import import convert_ldm_vae, read_latent_stats
+    from genvis.tokenizers.vq_import import unwrap_checkpoint
+
+    ckpt_path = Path(args.checkpoint)
+    where = str(ckpt_path)
+    if not args.scaling_factor > 0:
+        raise GenvisError(f"--scaling-factor {args.scaling_factor}: expected a positive number")
+    config, state, dropped = convert_ldm_vae(unwrap_checkpoint(load_checkpoint_file(ckpt_path), where), where)
+    mean = std = None
+    if args.stats is not None:
+        mean, std = read_latent_stats(args.stats, config["latent_channels"], where=f"--stats {args.stats}")
+    vae = AutoencoderKL(**config, scaling_factor=args.scaling_factor, latents_mean=mean, latents_std=std)
+    load_state_strict(vae, state, where, "the LDM KL autoencoder inferred from its shapes")
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        KLTokenizer(vae.eval()).save_pretrained(tmp)
+    levels = len(config["block_out_channels"])
+    attention = [l for l, kind in enumerate(config["down_block_types"]) if kind.startswith("Attn")]
+    params = sum(p.numel() for p in vae.parameters())
+    normalised = f"per-channel statistics from {args.stats}" if mean is not None else "no latent statistics stored"
+    print(f"imported KL autoencoder ({params / 1e6:.2f}M parameters, f{2 ** (levels - 1)}, {config['latent_channels']} "
+          f"latent channels, attention at levels {attention or 'none'}{' and the middle' if config['mid_block_add_attention'] else ''}; "
+          f"{normalised}, scaling factor {args.scaling_factor:g}"
+          f"{f'; dropped {len(dropped)} training-only keys' if dropped else ''}) to {out}")
+    return 0
 
 
 def run_vq(args) -> int:

@@ -30,7 +30,9 @@ class KLConfig(TokenizerConfig):
     """`tokenizer:` for `arch: kl`: a diffusers AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D levels).
 
     The downsampling factor is 2 ** (len(block_out_channels) - 1) (SD-VAE: 4 levels, f8). Image channels
-    come from the data. `normalisation` is how the measured latent statistics are stored: per_channel
+    come from the data. `attention_levels` (0 = the finest) get an attention block after each resnet in the
+    encoder and the decoder (AttnDownEncoderBlock2D / AttnUpDecoderBlock2D): LDM's attn_resolutions counted in
+    levels, e.g. VA-VAE's [16] at 256x256 with 5 levels is [4]. `normalisation` is how the measured latent statistics are stored: per_channel
     (latents_mean / latents_std, scaling_factor 1) or scalar (shift_factor / scaling_factor), both read by
     diffusers' pipelines as they are."""
 
@@ -39,6 +41,7 @@ class KLConfig(TokenizerConfig):
     latent_channels: int = 4
     norm_num_groups: int = 32
     mid_block_attention: bool = True
+    attention_levels: List[int] = field(default_factory=list)
     normalisation: str = "per_channel"  # per_channel | scalar
     stats_images: int = 10000  # training images the normalisation is measured on at export
 
@@ -49,11 +52,27 @@ class KLConfig(TokenizerConfig):
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ConfigError(f"key 'tokenizer.norm_num_groups': {self.norm_num_groups} does not divide every width "
                               f"in tokenizer.block_out_channels {list(self.block_out_channels)}")
+        wrong = [l for l in self.attention_levels if not 0 <= l < len(self.block_out_channels)]
+        if wrong:
+            raise ConfigError(f"key 'tokenizer.attention_levels': level {wrong[0]} does not exist; expected levels "
+                              f"0 .. {len(self.block_out_channels) - 1} of tokenizer.block_out_channels")
         for key in ("layers_per_block", "latent_channels", "stats_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key 'tokenizer.{key}': must be >= 1, got {getattr(self, key)}")
         if self.normalisation not in NORMALISATIONS:
             raise ConfigError(f"key 'tokenizer.normalisation': {self.normalisation!r} is not one of {', '.join(NORMALISATIONS)}")
+
+
+def down_block_types(levels: int, attention_levels: Iterable[int]) -> Tuple[str, ...]:
+    """diffusers' encoder block types, finest level first: with attention at `attention_levels` or without."""
+    attention = set(attention_levels)
+    return tuple("AttnDownEncoderBlock2D" if l in attention else "DownEncoderBlock2D" for l in range(levels))
+
+
+def up_block_types(levels: int, attention_levels: Iterable[int]) -> Tuple[str, ...]:
+    """diffusers' decoder block types, coarsest level first (diffusers' order)."""
+    attention = set(attention_levels)
+    return tuple("AttnUpDecoderBlock2D" if l in attention else "UpDecoderBlock2D" for l in reversed(range(levels)))
 
 
 def channel_statistics(latents: Iterable[torch.Tensor], per_channel: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +108,10 @@ class KLTokenizer(Tokenizer):
         if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
             raise ConfigError(f"key 'tokenizer.block_out_channels': {levels} levels downsample by {2 ** (levels - 1)}, "
                               f"which does not divide the image size {height}x{width}")
+        attention = section.attention_levels
         vae = AutoencoderKL(
-            in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(section.block_out_channels),
+            in_channels=channels, out_channels=channels, down_block_types=down_block_types(levels, attention),
+            up_block_types=up_block_types(levels, attention), block_out_channels=tuple(section.block_out_channels),
             layers_per_block=section.layers_per_block, latent_channels=section.latent_channels,
             norm_num_groups=section.norm_num_groups, sample_size=height, scaling_factor=1.0,
             mid_block_add_attention=section.mid_block_attention,

@@ -108,29 +108,31 @@ def test_resume_is_bit_exact_with_both_optimizers(trained_vae, tmp_path):
 
 
 def test_two_processes_match_one(tmp_path, scalars):
-    """With the discriminator and LeCam on from step 0: every logged quantity is the global batch's, and the
-    first step (before Adam's per-parameter normalisation amplifies reduction-order rounding) agrees to 1e-6:
-    the adaptive weight in particular is computed from the averaged gradients, not per process."""
+    """The digits VA-VAE with the discriminator and LeCam on from step 0: every logged quantity is the global
+    batch's, and the first step (before Adam's per-parameter normalisation amplifies reduction-order rounding)
+    agrees to 1e-6: both adaptive weights (the discriminator's at the decoder's last layer, the alignment's at the
+    encoder's) are computed from the averaged gradients, not per process."""
     args = [*TINY, "train.steps=3", "train.checkpoint_every=0", "task.disc_start=0", "task.lecam_weight=0.1"]
     one, two = tmp_path / "one", tmp_path / "two"
-    train(VAE, one, *args)
+    train(VAVAE, one, *args)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-                           "-m", "genvis", "train", VAE, f"output_dir={two}", *args], capture_output=True, text=True, env=env)
+                           "-m", "genvis", "train", VAVAE, f"output_dir={two}", *args], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
     tags = ("train/loss_tokenizer", "train/loss_disc", "train/grad_norm_tokenizer", "train/grad_norm_disc", "train/d_weight",
-            "train/reconstruction", "train/kl", "train/g_loss", "train/d_loss")
+            "train/reconstruction", "train/kl", "train/g_loss", "train/d_loss", "train/align", "train/align_weight")
     for tag in tags:
         a, b = scalars(one, tag), scalars(two, tag)
         assert len(a) == len(b) == 3, tag
         assert abs(a[0] - b[0]) <= 1e-6 * max(1.0, abs(a[0])), (tag, a, b)
         assert all(abs(x - y) <= 2e-3 * max(1.0, abs(x)) for x, y in zip(a, b)), (tag, a, b)
-    for name in ("model.safetensors", "model_1.safetensors"):  # within a few Adam steps of lr 1e-3
+    files = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")  # tokenizer, projection, discriminator
+    for name in files:  # within a few Adam steps of lr 1e-3
         a = load_file(str(one / "checkpoints" / "step_0000003" / name))
         b = load_file(str(two / "checkpoints" / "step_0000003" / name))
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-3, name
-    disc = load_file(str(one / "checkpoints" / "step_0000003" / "model_1.safetensors"))
+    disc = load_file(str(one / "checkpoints" / "step_0000003" / files[2]))
     assert any(k.endswith("ema_real") and v.abs().item() > 0 for k, v in disc.items())  # LeCam's EMA moved
 
 
