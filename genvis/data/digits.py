@@ -5,6 +5,7 @@ statistics and every generator agree on which 360 images are held out.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
@@ -17,6 +18,19 @@ from genvis.errors import DataError
 NUM_DIGITS = 1797
 NUM_TEST = 360
 SPLITS = ("train", "test", "all")
+
+
+def digits_file() -> Path:
+    """scikit-learn's digits.csv.gz, the file `sklearn.datasets.load_digits` reads, found without importing
+    scikit-learn (its import costs seconds on every command that touches the digits)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("the digits need scikit-learn's bundled digits.csv.gz (sklearn/datasets/data/); "
+                        "pip install scikit-learn")
+    return path
 
 
 def load_digits_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -33,11 +47,9 @@ def load_digits_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
     """
     if split not in SPLITS:
         raise DataError(f"digits split {split!r}: expected one of {', '.join(SPLITS)}")
-    from sklearn.datasets import load_digits  # sklearn is slow to import; only pay for it here
-
-    bunch = load_digits()
-    images = bunch.images.astype(np.float32)
-    labels = bunch.target.astype(np.int64)
+    table = np.loadtxt(digits_file(), delimiter=",")  # 1,797 rows: 64 pixels, then the label
+    images = table[:, :-1].reshape(-1, 8, 8).astype(np.float32)
+    labels = table[:, -1].astype(np.int64)
     if split == "all":
         return images, labels
     perm = np.random.RandomState(0).permutation(NUM_DIGITS)

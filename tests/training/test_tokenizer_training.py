@@ -45,7 +45,7 @@ def digits_images(split, channels=1):
 def test_training_reduces_the_loss_and_exports_a_normalised_diffusers_vae(trained_vae, scalars):
     from genvis import load_tokenizer
     from genvis.evaluation.recon import psnr
-    from genvis.tokenizers.kl import KLTokenizer
+    from genvis.tokenizers.kl import KLConfig, KLTokenizer
 
     rec = scalars(trained_vae, "train/reconstruction")
     assert len(rec) == 60 and np.mean(rec[-5:]) < 0.6 * np.mean(rec[:5]), (rec[:5], rec[-5:])
@@ -69,8 +69,8 @@ def test_training_reduces_the_loss_and_exports_a_normalised_diffusers_vae(traine
     assert latents.shape == (360, 4, 8, 8)
     assert latents.mean(dim=(0, 2, 3)).abs().max() < 0.05 and (latents.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
     # and it reconstructs: better than the untrained network of the same config
-    untrained = KLTokenizer.from_section(type("S", (), dict(block_out_channels=[16, 32], layers_per_block=1, latent_channels=4,
-                                                           norm_num_groups=8, mid_block_attention=True))(), (1, 16, 16))
+    untrained = KLTokenizer.from_section(KLConfig(block_out_channels=[16, 32], layers_per_block=1, latent_channels=4,
+                                                  norm_num_groups=8), (1, 16, 16))
     trained_psnr = psnr(held_out, tok.decode(latents).clamp(-1, 1)).mean()
     untrained_psnr = psnr(held_out, untrained.eval().decode(untrained.encode(held_out)).clamp(-1, 1)).mean()
     assert trained_psnr > untrained_psnr + 3, (trained_psnr, untrained_psnr)
