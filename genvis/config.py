@@ -47,6 +47,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # 0 = keep all
     sample_every: int = 0  # 0 = never
     log_every: int = 50
+    compile: bool = False  # torch.compile (inductor) of the trained modules; compile time is logged on its own
 
     def validate(self) -> None:
         if self.mixed_precision not in PRECISIONS:

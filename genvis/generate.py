@@ -84,14 +84,17 @@ def load_model_fields(options, device):
 
 @torch.no_grad()
 def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_index: int = 0, sampling=None,
-             batch_size: int = 64, precision: str = "auto", progress: bool = False, **sampling_fields) -> torch.Tensor:
+             batch_size: int = 64, precision: str = "auto", progress: bool = False, compile: bool = False,
+             **sampling_fields) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for `labels` [N]; sample j uses seed (seed, start_index + j).
 
     model: a genvis generator (it declares its `family`); tokenizer: what decodes its output
     (genvis.load_tokenizer), or None for the raw generator output (latents). sampling: the family's
     options (DiffusionSampling for diffusion models), or give its fields as keywords
     (`generate(model, tok, labels, sampler="unipc", steps=10, cfg=2.0)`). precision: auto | fp32 |
-    bf16 | fp16 for the network calls. progress: a bar counting sampling steps (on a terminal).
+    bf16 | fp16 for the network calls. progress: a bar counting sampling steps (on a terminal). compile:
+    torch.compile (inductor) the family's network calls, in place on `model` (later calls reuse the compiled
+    code), and the tokenizer's decode; the first batch pays the compilation.
     """
     if batch_size < 1:
         raise GenvisError(f"batch_size {batch_size}: expected >= 1")
@@ -99,6 +102,10 @@ def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_ind
     precision = resolve_precision(precision, device)
     options = load_model_fields(sampling_options(model, sampling, **sampling_fields), device)
     family_sampler = FAMILIES.get(model.family)(model, options, tokenizer)
+    decode = None if tokenizer is None else tokenizer.decode
+    if compile:
+        family_sampler.compile()
+        decode = decode if decode is None else torch.compile(decode)
 
     bar = None
     if progress:
@@ -115,8 +122,8 @@ def generate(model, tokenizer, labels: torch.Tensor, *, seed: int = 0, start_ind
             gens = sample_generators(seed, range(start_index + start, start_index + start + len(y)), device="cpu")
             x0 = family_sampler(y, gens, autocast=lambda: autocast(device, precision),
                                 callback=(lambda info: bar.update(1)) if bar is not None else None)
-            if tokenizer is not None:
-                x0 = tokenizer.decode(x0)
+            if decode is not None:
+                x0 = decode(x0)
             out.append(x0.float().cpu())
     finally:
         if bar is not None:

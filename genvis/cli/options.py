@@ -262,6 +262,11 @@ def check_device(name: str) -> str:
     return name
 
 
-def add_precision_option(p, default: str = "auto") -> None:
+def add_precision_option(p, default: str = "auto", compile_flag: bool = False) -> None:
     p.add_argument("--precision", default=default, choices=PRECISIONS,
                    help="network precision: auto = bf16 where the hardware runs it natively, else fp32")
+    if compile_flag:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile (inductor) the network and the tokenizer's decoder: the first batch pays the "
+                       "compilation (tens of seconds on a CPU), later ones run the compiled code; results agree with "
+                       "eager within the precision's tolerance")

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed (SEED, i)")
     add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="samples per batch (memory only; images do not depend on it)")
-    add_precision_option(p)
+    add_precision_option(p, compile_flag=True)
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="decode with this tokenizer folder instead of the one the model records (e.g. a local diffusers "
                    "AutoencoderKL for an imported DiT)")
@@ -58,7 +58,7 @@ def run(args) -> int:
     labels = class_labels(num, model.num_classes, args.classes)
     try:
         images = generate(model, tokenizer, labels, seed=args.seed, sampling=sampling, batch_size=args.batch_size,
-                          precision=args.precision, progress=True)
+                          precision=args.precision, progress=True, compile=args.compile)
     except OptionError as err:  # an option that does not fit this model (e.g. --cache-keep-blocks)
         raise flag_error(err) from None
     nrow = model.num_classes if args.classes is None and num >= model.num_classes else None

@@ -27,7 +27,7 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed (SEED, i); uniform labels are drawn from SEED")
     add_sampling_options(p)
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard file (the unit of resumption)")
-    add_precision_option(p)
+    add_precision_option(p, compile_flag=True)
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="decode with this tokenizer folder instead of the one the model records")
     p.add_argument("--metrics", default="fid", metavar="LIST", help=f"comma-separated, from {','.join(METRICS)}")
@@ -49,7 +49,7 @@ def run(args) -> int:
             args.model, args.out, num=args.num_samples, ref=args.ref, label_mode=args.labels, seed=args.seed,
             shard_size=args.shard_size, batch_size=args.batch_size, metrics=args.metrics.split(","),
             **extractor_args(args), device=args.device, tokenizer=args.tokenizer, sampling=sampling,
-            precision=args.precision,
+            precision=args.precision, compile=args.compile,
         )
     except OptionError as err:
         raise flag_error(err) from None

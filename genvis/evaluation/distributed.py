@@ -56,7 +56,8 @@ def missing_shards(out: Path, num: int, shard_size: int, rank: int, world: int) 
 
 
 def sample_shards(model, tokenizer, out: Path, labels: np.ndarray, *, seed: int, shard_size: int, rank: int, world: int,
-                  batch_size: int, sampling, precision: str = "auto", progress: bool = False, log: bool = False) -> List[int]:
+                  batch_size: int, sampling, precision: str = "auto", progress: bool = False, log: bool = False,
+                  compile: bool = False) -> List[int]:
     """Sample this process's missing shards; returns the shard numbers it wrote. A shard sampled anew
     drops any features extracted from an earlier file of that shard. log: a line per shard; progress: bars."""
     import torch
@@ -73,7 +74,8 @@ def sample_shards(model, tokenizer, out: Path, labels: np.ndarray, *, seed: int,
         if log:
             print(f"[process {rank}] shard {k}: samples {start}..{stop - 1}", flush=True)
         images = generate(model, tokenizer, torch.from_numpy(labels[start:stop]), seed=seed, start_index=start,
-                          sampling=sampling, batch_size=batch_size, precision=precision, progress=progress)
+                          sampling=sampling, batch_size=batch_size, precision=precision, progress=progress,
+                          compile=compile)
         write_npz_atomic(path, arr_0=to_uint8(images), labels=labels[start:stop], indices=np.arange(start, stop))
         written.append(k)
     return written
@@ -180,7 +182,7 @@ def assemble(out: Path, labels: np.ndarray, shard_size: int) -> Path:
 def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode: str = "balanced", seed: int = 0,
                    shard_size: int = 1000, batch_size: int = 64, metrics=("fid",), features: str = "inception",
                    weights: Optional[str] = None, device: Optional[str] = None, tokenizer: Optional[str] = None,
-                   sampling=None, precision: str = "auto", progress: bool = True) -> Optional[Dict]:
+                   sampling=None, precision: str = "auto", progress: bool = True, compile: bool = False) -> Optional[Dict]:
     """Sample N images over all Accelerate processes, resumably, then (main process) assemble samples.npz
     and compute the metrics against `ref`. Returns the metrics on the main process (None elsewhere).
 
@@ -232,7 +234,7 @@ def run_sample_fid(model_path, out, *, num: int, ref: Optional[str], label_mode:
         decoder = load_tokenizer(tokenizer or model_path, device=device)
         sample_shards(model, decoder, out, labels, seed=seed, shard_size=shard_size, rank=rank, world=world,
                       batch_size=batch_size, sampling=load_model_fields(sampling, device),  # once, not per shard
-                      precision=precision, progress=bars, log=progress)
+                      precision=precision, progress=bars, log=progress, compile=compile)
     if extractor is not None:
         tag = extractor_tag(extractor)
         shard_features(out, num, shard_size, extractor, tag, rank=rank, world=world, batch_size=batch_size,

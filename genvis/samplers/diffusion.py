@@ -88,6 +88,11 @@ class DiffusionFamilySampler:
                                  model.null_class)
         self.steps_per_batch = len(grid) - 1 if fn.sampler_meta.get("steps_per_interval", True) else None
 
+    def compile(self) -> None:
+        """torch.compile the network in place (nn.Module.compile; the step cache and T-Stitch call its blocks
+        and stay eager)."""
+        self.model.compile()
+
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         """Latents [B, *model.sample_shape] for `labels` [B] (on the model's device); sample i's noise and
         every stochastic step come from generators[i]."""

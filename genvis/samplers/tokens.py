@@ -245,6 +245,14 @@ class VARFamilySampler:
         self.model, self.options, self.quantizer = model, options, tokenizer.quantize
         self.steps_per_batch = len(model.scales)
 
+    def compile(self) -> None:
+        """torch.compile each block and the head in place: decoding calls them once per scale, with the KV cache
+        (shapes grow by scale; dynamo makes the token count dynamic after the second)."""
+        for block in self.model.blocks:
+            block.compile()
+        self.model.head_nm.compile()
+        self.model.head.compile()
+
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         o = self.options
         return decode_var(self.model, labels, quantizer=self.quantizer, generators=generators, cfg=o.cfg, top_k=o.top_k,
@@ -277,6 +285,10 @@ class MaskGITFamilySampler:
         check_maskgit_tokenizer(model, tokenizer)
         self.model, self.options = model, options
         self.steps_per_batch = options.steps
+
+    def compile(self) -> None:
+        """torch.compile the network in place (every step is one full forward of the same shape)."""
+        self.model.compile()
 
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         o = self.options

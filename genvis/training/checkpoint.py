@@ -31,7 +31,7 @@ STEP_RE = re.compile(r"^step_(\d{7})$")
 # clipping) is among them because lowering it is the remedy the non-finite guard suggests.
 RESUMABLE_KEYS = ("output_dir", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.sample_every", "data.num_workers", "train.lr", "train.warmup_steps", "train.grad_clip",
-                  "train.lr_schedule", "train.lr_end_ratio")
+                  "train.lr_schedule", "train.lr_end_ratio", "train.compile")
 RESUMABLE_SECTIONS = ("sample.",)
 
 

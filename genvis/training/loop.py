@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -204,6 +205,9 @@ def train(cfg: RunConfig) -> Path:
     params = {spec.name: [p for m in spec.modules for p in modules[m].parameters() if p.requires_grad] for spec in specs}
     optimizers = {spec.name: torch.optim.AdamW(param_groups(modules, spec.modules, t.weight_decay), lr=t.lr * spec.lr_scale,
                                                weight_decay=t.weight_decay, betas=tuple(t.betas)) for spec in specs}
+    if t.compile:  # in place (nn.Module.compile): the state dict keeps its keys, so checkpoints and resume are unchanged
+        for name in trainable:
+            modules[name].compile()
     prepared = accelerator.prepare(*[modules[n] for n in trainable], *optimizers.values())
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     modules.update(zip(trainable, prepared[: len(trainable)]))
@@ -238,6 +242,7 @@ def train(cfg: RunConfig) -> Path:
         modules[name].train()
     ddp = [modules[name] for name in trainable]
     local = slice(rank * (t.batch_size // world), (rank + 1) * (t.batch_size // world))
+    clock = {"start": time.perf_counter(), "first": None, "last_log": None}  # wall times: compile vs steady state
     for step, batch in enumerate(loader, start=start_step):
         draws = _rows(task.draw(t.batch_size, step_generator(cfg.seed, step, STREAM_NOISE)), local)
         batch = [x.to(device) for x in batch]
@@ -277,12 +282,20 @@ def train(cfg: RunConfig) -> Path:
         for name, ema in emas.items():
             ema.update(accelerator.unwrap_model(modules[name]), step)
         done = step + 1
+        now = time.perf_counter()
+        if clock["first"] is None:  # the first step holds the compilation (train.compile) and the warm-up
+            clock["first"] = clock["last_log"] = now
+            accelerator.print(f"first step: {now - clock['start']:.1f} s{' (compiling)' if t.compile else ''}")
 
         if progress is not None:
             progress.update(1)
             progress.set_postfix({f"loss_{n}" if len(specs) > 1 else "loss": f"{v.item():.4f}" for n, v in means.items()})
         if t.log_every and done % t.log_every == 0:
             logs = {"train/lr": lr_at(cfg, step)}
+            if done > start_step + 1:  # images/s over the steps since the last log, the first step left out
+                since = max(1, done - max(start_step + 1, done - t.log_every))
+                logs["train/images_per_second"] = since * t.batch_size / max(now - clock["last_log"], 1e-9)
+                clock["last_log"] = now
             if extra:  # the global batch's values, as for the losses (every process takes part)
                 reduced = accelerator.reduce(torch.stack(list(extra.values())), reduction="mean")
                 logs.update({f"train/{key}": float(v) for key, v in zip(extra, reduced)})
@@ -300,6 +313,10 @@ def train(cfg: RunConfig) -> Path:
 
     if progress is not None:
         progress.close()
+    if clock["first"] is not None and done > start_step + 1:
+        steady = time.perf_counter() - clock["first"]
+        accelerator.print(f"steady state: {(done - start_step - 1) * t.batch_size / steady:.1f} images/s over "
+                          f"{done - start_step - 1} steps after the first (checkpoints and logging included)")
     if t.checkpoint_every == 0 and start_step < t.steps:
         write_checkpoint(accelerator, emas, t.steps, out, t.keep_checkpoints)
     export_dir = out / "model"

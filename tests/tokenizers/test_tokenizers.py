@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli_run
 from genvis import load_tokenizer
 from genvis.errors import GenvisError
 from genvis.tokenizers import PixelTokenizer, record_tokenizer
@@ -147,7 +148,6 @@ def test_latent_training_records_its_tokenizer_and_samples_through_it(tmp_path):
     assert sorted(p.name for p in (ckpt / "ema").iterdir()) == ["model"]
     for source in (run, run / "checkpoints" / "step_0000002"):
         out = tmp_path / f"{source.name}.npz"
-        proc = subprocess.run([sys.executable, "-m", "genvis", "sample", str(source), "--num-samples", "2", "--out", str(out),
-                               "--precision", "fp32"], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code, _, stderr = cli_run.genvis("sample", source, "--num-samples", "2", "--out", out, "--precision", "fp32")
+        assert code == 0, stderr[-2000:]
         assert np.load(out)["arr_0"].shape == (2, 16, 16, 3)

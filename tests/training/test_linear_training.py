@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_run
+
 ROOT = Path(__file__).resolve().parents[2]
 DIT = str(ROOT / "configs" / "digits" / "dit.yaml")
 LIT = str(ROOT / "configs" / "digits" / "lit.yaml")
@@ -54,7 +56,7 @@ def test_linear_dit_preset_trains_and_samples(recipe, tmp_path, scalars):
     model = load_model(run)
     expected = {"lit": ("relu", 5, "mlp"), "sana": ("relu", 0, "mixffn"), "dig": ("gated", 0, "mlp")}[recipe]
     assert type(model) is LinearDiT and (model.config.attention, model.config.v_conv, model.config.ffn) == expected
-    code, stdout, stderr = genvis("sample", run, "--num-samples", 4, "--steps", 3, "--sampler", "dpmpp-2m",
+    code, stdout, stderr = cli_run.genvis("sample", run, "--num-samples", 4, "--steps", 3, "--sampler", "dpmpp-2m",
                                   "--out", tmp_path / "grid.png")
     assert code == 0 and (tmp_path / "grid.png").is_file(), stderr[-2000:]
 

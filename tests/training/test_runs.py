@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_run
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "configs" / "digits" / "dit.yaml")
 SMALL = [
@@ -21,13 +23,12 @@ SMALL = [
 
 
 def genvis(*argv, script_prelude=None):
-    """Run the genvis CLI in a subprocess (optionally after some Python that patches it); (code, stdout, stderr)."""
+    """Run the genvis CLI (in a subprocess after some Python that patches it, or as cli_run does); (code, stdout,
+    stderr)."""
     if script_prelude is None:
-        cmd = [sys.executable, "-m", "genvis", *map(str, argv)]
-    else:
-        code = f"import sys\n{script_prelude}\nfrom genvis.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n"
-        cmd = [sys.executable, "-c", code]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        return cli_run.genvis(*argv)
+    code = f"import sys\n{script_prelude}\nfrom genvis.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return proc.returncode, proc.stdout, proc.stderr
 
 
