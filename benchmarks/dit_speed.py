@@ -31,28 +31,28 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: str = "cpu"):
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def make_steps(model, call, batch: int, precision: str):
-    """(forward, train_step) closures for one model and precision on fixed random inputs."""
-    x = torch.randn(batch, 4, 32, 32)
-    t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, 1000, (batch,))
-    target = torch.randn(batch, 8, 32, 32)
+def make_steps(model, call, batch: int, precision: str, device: str = "cpu"):
+    """(forward, train_step) closures for one model and precision on fixed random inputs on `device`."""
+    x = torch.randn(batch, 4, 32, 32, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    target = torch.randn(batch, 8, 32, 32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def forward():
         model.eval()
-        with torch.no_grad(), autocast(precision):
+        with torch.no_grad(), autocast(precision, device):
             call(model, x, t, y)
 
     def train_step():
         model.train()
-        with autocast(precision):
+        with autocast(precision, device):
             out = call(model, x, t, y)
         loss = F.mse_loss(out.float(), target)
         loss.backward()

@@ -1,0 +1,231 @@
+"""Speed of every family, eager vs compiled (torch.compile, inductor), against a peer measured in the same run.
+
+    python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
+        [--quick]
+
+1. DiT-S/2 training step and forward (32x32x4 latents, 1,000 classes, learned sigma; the models of
+   benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
+   bf16 (autocast); images/s and % of the matmul peak measured in this run (3 x forward FLOPs for a step).
+2. Sampling images/s per family, eager vs compiled (`generate(..., compile=True)`), random O(1) weights at the
+   sizes named in the table, in the device's default precision: DiT-S/2 and LinearDiT-S/2 (Euler 10, cfg 1.5,
+   latents only), VAR-d8 (KV cache, 10 scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
+   shapes: BERT 12 x 512 over 128 tokens, 8 steps, cfg), and a KL-VAE decoder (SD-VAE's f8 architecture, 4 x
+   32 x 32 latents to 256 x 256) against diffusers' AutoencoderKL.decode, the same network eager. Compiled and
+   eager outputs are compared (max |difference|; token families in fp32: the fraction of equal pixels, 1 when
+   no draw flips; in bf16 the logits differ in their last bits and draws flip).
+Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dit_speed import autocast, best_times, make_steps, matmul_peak  # noqa: E402  (one benchmark's helpers)
+
+from genvis.generate import generate  # noqa: E402
+from genvis.models.dit import DiT, dit_config  # noqa: E402
+from genvis.precision import resolve_precision  # noqa: E402
+
+
+def o1_weights(model, seed=0):
+    """O(1) random weights: the official inits zero the adaLN and output layers, which would skip real work."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
+            elif "norm" not in name.lower():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def timed_first_and_best(fn, repeats):
+    """(seconds of the first call, best seconds of `repeats` calls after it, the last result)."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return first, best, out
+
+
+# ----------------------------------------------------------------------------- 1. DiT-S/2 training
+
+def dit_training_table(batch, repeats, device, peaks):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    config = dit_config("S", 2, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    genvis_model = o1_weights(DiT(**config))
+    compiled = DiT(**config)
+    compiled.load_state_dict(genvis_model.state_dict())
+    compiled.compile()
+    peer = DiTTransformer2DModel(
+        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
+        attention_bias=True, sample_size=32, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    flops = genvis_model.flops_per_image()
+    calls = {"genvis eager": (genvis_model, lambda m, x, t, y: m(x, t, y)),
+             "genvis compiled": (compiled, lambda m, x, t, y: m(x, t, y)),
+             "diffusers eager": (peer, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample)}
+    rows, compile_times = {}, {}
+    for precision in ("fp32", "bf16"):
+        fns = {}
+        for name, (model, call) in calls.items():
+            forward, step = make_steps(model.to(device), call, batch, precision, device)
+            if name.endswith("compiled"):  # the first calls compile; timed apart
+                t0 = time.perf_counter()
+                forward()
+                compile_times[(precision, "forward")] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                step()
+                compile_times[(precision, "train")] = time.perf_counter() - t0
+            fns[(name, "forward")], fns[(name, "train")] = forward, step
+        times = best_times(fns, repeats)
+        for name in calls:
+            fwd, trn = batch / times[(name, "forward")], batch / times[(name, "train")]
+            rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
+    print(f"## DiT-S/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward")
+    print()
+    print("| model | precision | forward img/s | train img/s | forward % peak | train % peak |")
+    print("|---|---|---|---|---|---|")
+    for (name, precision), (fwd, trn, fpk, tpk) in rows.items():
+        print(f"| {name} | {precision} | {fwd:.1f} | {trn:.1f} | {100 * fpk:.0f}% | {100 * tpk:.0f}% |")
+    print()
+    for precision in ("fp32", "bf16"):
+        g, c, d = rows[("genvis eager", precision)], rows[("genvis compiled", precision)], rows[("diffusers eager", precision)]
+        print(f"{precision}: compiled / eager: forward {c[0] / g[0]:.2f}x, train {c[1] / g[1]:.2f}x; "
+              f"genvis compiled / diffusers: forward {c[0] / d[0]:.2f}x, train {c[1] / d[1]:.2f}x; compile time "
+              f"{compile_times[(precision, 'forward')]:.0f} s (forward) + {compile_times[(precision, 'train')]:.0f} s "
+              f"(training step)")
+    print()
+
+
+# ----------------------------------------------------------------------------- 2. sampling per family
+
+def family_models(quick):
+    """(name, model, tokenizer or None, sampling options, what the output is compared as)."""
+    from genvis.models.linear_dit import LinearDiT
+    from genvis.models.maskgit import MaskGIT
+    from genvis.models.var import VAR, VAR_SCALES
+    from genvis.tokenizers.multiscale_vq import MultiScaleVQTokenizer
+    from genvis.tokenizers.vq import VQTokenizer
+
+    side = 8 if quick else 32
+    size = dict(hidden_size=64, depth=2, num_heads=2) if quick else dict(hidden_size=384, depth=12, num_heads=6)
+    dit = o1_weights(DiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, learn_sigma=False,
+                         prediction_type="velocity", schedule="flow", **size))
+    lin = o1_weights(LinearDiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, learn_sigma=False,
+                               prediction_type="velocity", schedule="flow", **size))
+    flow = dict(sampler="euler", steps=10, cfg=1.5)
+    scales = (1, 2, 3) if quick else VAR_SCALES
+    torch.manual_seed(0)
+    ms = MultiScaleVQTokenizer(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, norm_groups=8,
+                               codebook_size=4096, scales=scales).eval()  # a small decoder: the transformer is timed
+    var = o1_weights(VAR(vocab_size=4096, token_dim=32, scales=scales, num_classes=1000, depth=2 if quick else 8,
+                         embed_dim=64 if quick else 512, num_heads=2 if quick else 8))
+    n = 16 if quick else 128
+    vq = VQTokenizer(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, norm_groups=8,
+                     codebook_size=4096, codebook_dim=8).eval()
+    maskgit = o1_weights(MaskGIT(vocab_size=4096, num_tokens=n, token_shape=(int(n ** 0.5),) * 2 if quick else (8, 16),
+                                 num_classes=1000, hidden_size=64 if quick else 512, depth=2 if quick else 12,
+                                 num_heads=2 if quick else 8, intermediate_size=128 if quick else 2048))
+    return [("DiT-S/2" if not quick else "DiT (quick)", dit, None, flow, "max |diff|"),
+            ("LinearDiT-S/2" if not quick else "LinearDiT (quick)", lin, None, flow, "max |diff|"),
+            ("VAR-d8, 680 tokens" if not quick else "VAR (quick)", var, ms, dict(cfg=2.5, top_k=900, top_p=0.96), "equal ids"),
+            ("MaskGIT 12 x 512, 128 tokens" if not quick else "MaskGIT (quick)", maskgit, vq,
+             dict(steps=8, cfg=4.5, temperature=1.0), "equal ids")]
+
+
+def sampling_table(batch, repeats, device, quick):
+    precision = "bf16" if resolve_precision("auto", torch.device(device)) == "bf16" else "fp32"
+    labels = torch.arange(batch) % 1000
+    print(f"## Sampling images/s, batch {batch}, precision {precision} (auto), {device}")
+    print()
+    print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |")
+    print("|---|---|---|---|---|---|")
+    for name, model, tokenizer, options, compare in family_models(quick):
+        model.to(device)
+        decoder = tokenizer.to(device) if tokenizer is not None else None
+        run = lambda compile: generate(model, decoder, labels, seed=0, precision=precision, compile=compile,  # noqa: E731
+                                       batch_size=batch, **options)
+        _, eager_s, eager = timed_first_and_best(lambda: run(False), repeats)
+        first, comp_s, comp = timed_first_and_best(lambda: run(True), repeats)
+        diff = (eager - comp).abs().max().item()
+        if compare == "max |diff|":
+            agree = f"max |diff| {diff:.1e}"
+        elif precision == "fp32":
+            agree = f"{(eager == comp).float().mean().item():.3f} equal pixels"
+        else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 by tests/samplers/test_compile.py
+            agree = "draws differ in bf16"
+        print(f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |")
+    print()
+    vae_table(batch, repeats, device, precision, quick)
+
+
+def vae_table(batch, repeats, device, precision, quick):
+    """A KL-VAE decoder: genvis's KLTokenizer.decode compiled vs diffusers' AutoencoderKL.decode (the same network)."""
+    from diffusers import AutoencoderKL
+
+    from genvis.precision import autocast as precision_autocast
+    from genvis.tokenizers.kl import KLTokenizer
+
+    torch.manual_seed(0)
+    widths = (32, 32) if quick else (128, 256, 512, 512)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths),
+                        block_out_channels=widths, layers_per_block=2, latent_channels=4, norm_num_groups=32).eval().to(device)
+    tokenizer = KLTokenizer(vae)
+    side = 8 if quick else 32
+    z = torch.randn(batch, 4, side, side, device=device)
+    compiled = torch.compile(tokenizer.decode)
+
+    def peer():
+        with torch.no_grad(), precision_autocast(torch.device(device), "no" if precision == "fp32" else precision):
+            return vae.decode(z / vae.config.scaling_factor).sample
+
+    def ours():
+        with precision_autocast(torch.device(device), "no" if precision == "fp32" else precision):
+            return compiled(z)
+
+    _, peer_s, a = timed_first_and_best(peer, repeats)
+    first, ours_s, b = timed_first_and_best(ours, repeats)
+    out = side * 2 ** (len(widths) - 1)
+    print(f"KL-VAE decoder ({'SD-VAE f8' if not quick else 'quick'}, 4 x {side} x {side} -> {out} x {out}), batch {batch}: "
+          f"diffusers AutoencoderKL.decode {batch / peer_s:.2f} img/s, genvis compiled decode {batch / ours_s:.2f} img/s "
+          f"({peer_s / ours_s:.2f}x; compile {first:.0f} s; max |diff| {(a.float() - b.float()).abs().max().item():.1e})")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32, help="DiT-S/2 training batch")
+    parser.add_argument("--sample-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
+    args = parser.parse_args()
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
+    if args.device == "cpu":
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    else:
+        peaks = {"fp32": float("nan"), "bf16": float("nan")}  # % of peak on CPU only (dit_speed.matmul_peak is CPU)
+    print()
+    if not args.skip_train:
+        dit_training_table(args.batch, args.repeats, args.device, peaks)
+    sampling_table(args.sample_batch, args.repeats, args.device, args.quick)
+
+
+if __name__ == "__main__":
+    main()
