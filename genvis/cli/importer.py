@@ -28,6 +28,12 @@ def _generator_arguments(p, tokenizer_help: str) -> None:
                    help="copy the tokenizer into OUT_DIR/tokenizer/ instead of recording its path")
 
 
+def _tokenizer_arguments(p, formats: str) -> None:
+    """CKPT and OUT_DIR of a tokenizer import."""
+    p.add_argument("checkpoint", metavar="CKPT", help=f"the official file ({formats})")
+    p.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("import", help="convert an official checkpoint into a genvis model folder")
     sub = p.add_subparsers(dest="family", required=True, metavar="FAMILY")
@@ -76,8 +82,7 @@ def add_parser(subparsers) -> None:
         "linear_proj.* and model_ema.* (training only) are dropped; a whole latent-diffusion checkpoint's "
         "first_stage_model.* is taken. Loads with torch.load(weights_only=True).",
     )
-    k.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt, .ckpt, .pth or .safetensors)")
-    k.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    _tokenizer_arguments(k, ".pt, .ckpt, .pth or .safetensors")
     k.add_argument("--stats", default=None, metavar="FILE",
                    help="per-channel latent mean and std stored in the tokenizer, so generators see (z - mean) / std: "
                    "LightningDiT's latents_stats.pt ({'mean', 'std'} of [1, C, 1, 1]). Default: none stored")
@@ -94,8 +99,7 @@ def add_parser(subparsers) -> None:
         "taming's loss.* (discriminator, LPIPS) are dropped. Loads with torch.load(weights_only=True): a file that "
         "needs pickle is refused.",
     )
-    v.add_argument("checkpoint", metavar="CKPT", help="the official file (.pt, .ckpt or .safetensors)")
-    v.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    _tokenizer_arguments(v, ".pt, .ckpt or .safetensors")
     v.add_argument("--layout", choices=("auto", "llamagen", "taming"), default="auto",
                    help="key layout of the checkpoint (auto: from its key names; LlamaGen's codebook is looked up "
                    "l2-normalised, taming's is not)")
@@ -110,8 +114,7 @@ def add_parser(subparsers) -> None:
         description="The architecture is read off the tensor shapes; phi ratio 0.5 (VAR's). Loads with "
         "torch.load(weights_only=True).",
     )
-    r.add_argument("checkpoint", metavar="CKPT", help="the official file (.pth or .safetensors)")
-    r.add_argument("out", metavar="OUT_DIR", help="the genvis tokenizer folder to write")
+    _tokenizer_arguments(r, ".pth or .safetensors")
     r.add_argument("--scales", type=int_list, default=None, metavar="LIST",
                    help="token map sides, coarse to fine, e.g. 1,2,3,4,5,6,8,10,13,16 (default: VAR's, when the "
                    "checkpoint's quantize.ema_vocab_hit_SV has 10 rows; required otherwise)")

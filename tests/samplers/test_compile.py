@@ -1,8 +1,9 @@
 """`generate(..., compile=True)` / `genvis sample --compile`: every family's compiled sampling (torch.compile,
-inductor) gives the eager images, in float32, at tiny sizes: a latent DiT with its KL tokenizer's compiled decoder
-(the linear-attention DiT goes through the same diffusion-family path; benchmarks/speed.py checks it), VAR with its KV
-cache (token counts growing by scale) and MaskGIT. The first compile of a
-graph takes seconds on this CPU; inductor's on-disk cache makes repeats fast."""
+inductor) gives the eager images, in float32, at tiny sizes: a latent DiT decoded by a KL tokenizer (the decoder
+is compiled on GPUs only: on the CPU inductor's convolutions lose to eager), VAR with its KV cache (token counts
+growing by scale) and MaskGIT. The linear-attention DiT takes the diffusion family's path, as DiT does;
+benchmarks/speed.py compares it. The first compile of a graph takes seconds on this CPU; inductor's on-disk cache
+makes repeats fast."""
 import math
 
 import pytest
@@ -33,7 +34,7 @@ def eager_and_compiled(model, tokenizer, **options):
     return eager, compiled
 
 
-def test_latent_dit_and_its_decoder():
+def test_latent_dit():
     from genvis.models.dit import DiT
     from genvis.tokenizers.kl import KLConfig, KLTokenizer
 
