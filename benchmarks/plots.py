@@ -1,0 +1,120 @@
+"""PNG plots of the benchmarks' JSON results (matplotlib: `pip install -e ".[benchmarks]"`).
+
+    python benchmarks/sampler_error.py --json sampler_error.json
+    python benchmarks/plots.py sampler-error sampler_error.json docs/sampler_error.png
+    python benchmarks/sampler_digits.py --run runs/digits-dit --json sampler_digits.json
+    python benchmarks/plots.py sampler-digits sampler_digits.json docs/sampler_digits.png
+
+sampler-error: RMS error against the exact probability-flow solution vs NFE, log-log, one line per genvis
+sampler (its best named grid at each NFE) and per diffusers scheduler (default options), the searched grids as
+points. sampler-digits: fd of the digits features vs NFE, one line per sampler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('benchmarks/plots.py needs matplotlib: pip install -e ".[benchmarks]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _best_per_nfe(rows, key):
+    """{label: [(nfe, error), ...]}: for each label and target NFE the smallest finite error."""
+    best = defaultdict(dict)
+    for r in rows:
+        err = r.get("error")
+        if err is None or not math.isfinite(err):
+            continue
+        label, nfe = key(r), r["target_nfe"]
+        best[label][nfe] = min(err, best[label].get(nfe, math.inf))
+    return {label: sorted(points.items()) for label, points in best.items()}
+
+
+def sampler_error(data: dict, out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    named = [r for r in data["genvis"] if r.get("grid") != "searched"]
+    for label, points in sorted(_best_per_nfe(named, lambda r: r["sampler"]).items()):
+        ax.plot(*zip(*points), marker="o", label=f"genvis {label} (best named grid)")
+    best_peer = _best_per_nfe(data["diffusers"], lambda r: "diffusers")["diffusers"]
+    ax.plot(*zip(*best_peer), marker="x", color="black", linestyle="--", linewidth=2,
+            label="diffusers, best scheduler and options at each NFE")
+    searched = [r for r in data["genvis"] if r.get("grid") == "searched" and math.isfinite(r.get("error", math.nan))]
+    if searched:
+        ax.scatter([r["target_nfe"] for r in searched], [r["error"] for r in searched], marker="*", s=120, color="black",
+                   zorder=5, label="genvis, searched grids")
+    nfes = sorted({r["target_nfe"] for r in data["genvis"]})
+    m = data["model"]
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMS error vs the exact PF-ODE solution",
+           title=f"Sampler error: {m['components']}-Gaussian mixture, D={m['dim']}, {m['samples']} samples")
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, out)
+
+
+def sampler_digits(data: list, out: Path) -> None:
+    plt = _pyplot()
+    lines, reference = defaultdict(list), None
+    for r in data:
+        if r.get("reference"):
+            reference = r
+        else:
+            lines[f"{r['sampler']} ({r['grid']})"].append((r["steps"], r["fd"]))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, points in sorted(lines.items()):
+        ax.plot(*zip(*sorted(points)), marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference["fd"], color="black", linestyle=":", label=f"ddpm {reference['steps']} steps")
+    nfes = sorted({n for points in lines.values() for n, _ in points})
+    ax.set(xscale="log", xlabel="NFE (steps)", ylabel="fd (digits classifier features)",
+           title="Digits DiT: fd of class-balanced samples vs NFE")
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+PLOTS = {"sampler-error": sampler_error, "sampler-digits": sampler_digits}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=sorted(PLOTS))
+    parser.add_argument("json", type=Path, help="the benchmark's --json output")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    args = parser.parse_args()
+    try:
+        data = json.loads(args.json.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{args.json}: not a readable JSON file ({err})") from None
+    try:
+        PLOTS[args.kind](data, args.out)
+    except (KeyError, TypeError) as err:
+        raise SystemExit(f"{args.json}: not the JSON of benchmarks/{args.kind.replace('-', '_')}.py (missing {err})") from None
+
+
+if __name__ == "__main__":
+    main()
