@@ -61,6 +61,7 @@ def test_var_with_its_kv_cache():
     eager, compiled = eager_and_compiled(model, tokenizer, cfg=1.5, top_k=0, top_p=0.0)
     assert eager.shape == (4, 1, 8, 8)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    assert all(block._compiled_call_impl is not None for block in model.blocks) and model.head._compiled_call_impl is not None
 
 
 def test_maskgit():
@@ -75,3 +76,4 @@ def test_maskgit():
     eager, compiled = eager_and_compiled(model, tokenizer, steps=4, cfg=2.0)
     assert eager.shape == (4, 1, 8, 8)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    assert model._compiled_call_impl is not None
