@@ -29,6 +29,7 @@ import torch
 
 from genvis.errors import GenvisError
 from genvis.tokenizers.kl import down_block_types, up_block_types
+from genvis.tokenizers.vq_import import _indices, _shape
 
 TRAINING_ONLY = ("loss.", "foundation_model.", "linear_proj.", "model_ema.")  # dropped from a training checkpoint
 WHOLE_LDM = "first_stage_model."  # a latent-diffusion checkpoint's autoencoder
@@ -48,17 +49,6 @@ def select_autoencoder(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.
         dropped = []
     dropped += [k for k in state if k.startswith(TRAINING_ONLY)]
     return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}, dropped
-
-
-def _indices(keys, pattern: str) -> list:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
-
-
-def _shape(state: Dict[str, torch.Tensor], key: str, where: str) -> tuple:
-    if key not in state:
-        raise GenvisError(f"{where}: missing key {key} (an LDM-layout KL autoencoder has it)")
-    return tuple(state[key].shape)
 
 
 def infer_ldm_vae_config(state: Dict[str, torch.Tensor], where: str = "checkpoint") -> dict:

@@ -235,7 +235,7 @@ def _first(state: Dict[str, torch.Tensor], n: int = 3) -> str:
 
 def _shape(state: Dict[str, torch.Tensor], key: str, where: str, dims: Optional[int] = None) -> tuple:
     if key not in state:
-        raise GenvisError(f"{where}: missing key {key} (genvis name)")
+        raise GenvisError(f"{where}: missing key {key}")
     shape = tuple(state[key].shape)
     if dims is not None and len(shape) != dims:
         raise GenvisError(f"{where}: {key} has shape {list(shape)}, expected {dims} dimensions")

@@ -242,7 +242,7 @@ def train(cfg: RunConfig) -> Path:
         modules[name].train()
     ddp = [modules[name] for name in trainable]
     local = slice(rank * (t.batch_size // world), (rank + 1) * (t.batch_size // world))
-    clock = {"start": time.perf_counter(), "first": None, "last_log": None}  # wall times: compile vs steady state
+    clock = {"start": time.perf_counter(), "first": None, "last_log": None, "logged_step": None}  # compile vs steady state
     for step, batch in enumerate(loader, start=start_step):
         draws = _rows(task.draw(t.batch_size, step_generator(cfg.seed, step, STREAM_NOISE)), local)
         batch = [x.to(device) for x in batch]
@@ -285,6 +285,7 @@ def train(cfg: RunConfig) -> Path:
         now = time.perf_counter()
         if clock["first"] is None:  # the first step holds the compilation (train.compile) and the warm-up
             clock["first"] = clock["last_log"] = now
+            clock["logged_step"] = done
             accelerator.print(f"first step: {now - clock['start']:.1f} s{' (compiling)' if t.compile else ''}")
 
         if progress is not None:
@@ -292,10 +293,10 @@ def train(cfg: RunConfig) -> Path:
             progress.set_postfix({f"loss_{n}" if len(specs) > 1 else "loss": f"{v.item():.4f}" for n, v in means.items()})
         if t.log_every and done % t.log_every == 0:
             logs = {"train/lr": lr_at(cfg, step)}
-            if done > start_step + 1:  # images/s over the steps since the last log, the first step left out
-                since = max(1, done - max(start_step + 1, done - t.log_every))
-                logs["train/images_per_second"] = since * t.batch_size / max(now - clock["last_log"], 1e-9)
-                clock["last_log"] = now
+            if done > clock["logged_step"]:  # images/s over the steps since the last log, the first step left out
+                logs["train/images_per_second"] = ((done - clock["logged_step"]) * t.batch_size
+                                                   / max(now - clock["last_log"], 1e-9))
+                clock["last_log"], clock["logged_step"] = now, done
             if extra:  # the global batch's values, as for the losses (every process takes part)
                 reduced = accelerator.reduce(torch.stack(list(extra.values())), reduction="mean")
                 logs.update({f"train/{key}": float(v) for key, v in zip(extra, reduced)})
