@@ -4,6 +4,7 @@ twin (genvis LinearDiT, LiT recipe: ReLU linear attention, 2 heads, 5x5 depthwis
 
     python benchmarks/attention_scaling.py                       # 256, 1024, 4096, 16384 tokens (CPU: ~10 min)
     python benchmarks/attention_scaling.py --tokens 256,1024 --dtypes bf16
+    python benchmarks/attention_scaling.py --json attention_scaling.json   # then benchmarks/plots.py attention-scaling
 
 N tokens = (input_size / 2)^2: 256 is a 256 px image's SD-VAE latent (32x32), 16384 a 2048 px one.
 Batch 1, no grad, random weights (speed and memory do not depend on them). Two rows per setting: the
@@ -22,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 WIDTH, DEPTH, HEADS, PATCH = 384, 12, 6, 2
 
@@ -47,7 +49,7 @@ def measure(kind: str, part: str, tokens: int, dtype: str, repeats: int, device:
         module = DiT(**common, num_heads=HEADS) if kind == "softmax" else LinearDiT(**common, num_heads=2, v_conv=5)
         inputs = (torch.randn(1, 4, grid * PATCH, grid * PATCH), torch.tensor([500.0]), torch.tensor([1]))
     else:
-        module = Attention(WIDTH, HEADS) if kind == "softmax" else LinearAttention(WIDTH, 2, grid, v_conv=5)
+        module = Attention(WIDTH, HEADS) if kind == "softmax" else LinearAttention(WIDTH, 2, (grid, grid), v_conv=5)
         inputs = (torch.randn(1, tokens, WIDTH),)
     module = module.to(dev).eval()
     inputs = tuple(x.to(dev) for x in inputs)
@@ -94,6 +96,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7,
                    help="at most this many timed forwards after the warm-up (at least 2, then while under 20 s); the best is kept")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (for benchmarks/plots.py)")
     p.add_argument("--one", nargs=4, metavar=("KIND", "PART", "TOKENS", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -107,7 +110,7 @@ def main() -> None:
     print(f"DiT-S/2 (softmax, SDPA) vs its linear twin (LiT recipe), batch 1, forward, device {args.device}\n")
     print("| part | dtype | tokens | softmax ms | linear ms | speed-up | FLOP ratio | softmax peak MB | linear peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    linear_ms = {}
+    linear_ms, rows = {}, []
     for part in ("model", "attention"):
         for dtype in args.dtypes.split(","):
             for n in tokens:
@@ -116,11 +119,16 @@ def main() -> None:
                     row[kind] = one(argparse.Namespace(kind=kind, part=part, n=n, dtype=dtype, repeats=args.repeats,
                                                        device=args.device))
                 s, lin = row["softmax"], row["linear"]
+                rows.append(dict(part=part, dtype=dtype, tokens=n, softmax=s, linear=lin))
                 linear_ms[part, dtype, n] = lin["ms"]
                 ratio = s["peak_mb"] / lin["peak_mb"] if lin["peak_mb"] > 0 else float("nan")
                 flops = f"{s['gflop'] / lin['gflop']:.2f}x" if part == "model" else ""
                 print(f"| {part} | {dtype} | {n} | {s['ms']:.1f} | {lin['ms']:.1f} | {s['ms'] / lin['ms']:.2f}x | {flops} | "
                       f"{s['peak_mb']:.0f} | {lin['peak_mb']:.0f} | {ratio:.2f}x |", flush=True)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(dict(device=args.device, rows=rows), indent=1))
+        tmp.replace(args.json)
     if 1024 in tokens and 4096 in tokens:
         print("\nlinear cost growth from 1024 to 4096 tokens (4x the tokens):")
         for (part, dtype, n), ms in linear_ms.items():

@@ -19,15 +19,18 @@ from genvis.models.dit import DiT, dit_config
 from genvis.precision import resolve_precision
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of the fastest of repeated n x n matmuls over `seconds` (at least 5): on a shared machine a short
+    measurement can land in a slow moment and understate the peak."""
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
+    best, start, count = float("inf"), time.perf_counter(), 0
+    while count < 5 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
+        count += 1
     return 2 * n**3 / best
 
 

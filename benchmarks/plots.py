@@ -4,10 +4,15 @@
     python benchmarks/plots.py sampler-error sampler_error.json docs/sampler_error.png
     python benchmarks/sampler_digits.py --run runs/digits-dit --json sampler_digits.json
     python benchmarks/plots.py sampler-digits sampler_digits.json docs/sampler_digits.png
+    python benchmarks/attention_scaling.py --json attention_scaling.json
+    python benchmarks/plots.py attention-scaling attention_scaling.json docs/attention_scaling.png
+    python benchmarks/speed.py --json speed.json
+    python benchmarks/plots.py throughput speed.json docs/throughput.png
 
 sampler-error: RMS error against the exact probability-flow solution vs NFE, log-log, one line per genvis
 sampler (its best named grid at each NFE) and per diffusers scheduler (default options), the searched grids as
-points. sampler-digits: fd of the digits features vs NFE, one line per sampler.
+points. sampler-digits: fd of the digits features vs NFE, one line per sampler. attention-scaling: forward time vs
+tokens of DiT-S/2 and its linear twin. throughput: benchmarks/speed.py's tables as bars.
 """
 from __future__ import annotations
 
@@ -74,8 +79,8 @@ def sampler_digits(data: list, out: Path) -> None:
         else:
             lines[f"{r['sampler']} ({r['grid']})"].append((r["steps"], r["fd"]))
     fig, ax = plt.subplots(figsize=(7, 5))
-    for label, points in sorted(lines.items()):
-        ax.plot(*zip(*sorted(points)), marker="o", label=label)
+    for label, points in sorted(lines.items()):  # other grids dashed (and the colour cycle's 10 colours suffice)
+        ax.plot(*zip(*sorted(points)), marker="o", label=label, linestyle="-" if label.endswith("(default)") else "--")
     if reference is not None:
         ax.axhline(reference["fd"], color="black", linestyle=":", label=f"ddpm {reference['steps']} steps")
     nfes = sorted({n for points in lines.values() for n, _ in points})
@@ -88,6 +93,64 @@ def sampler_digits(data: list, out: Path) -> None:
     _save(fig, out)
 
 
+def attention_scaling(data: dict, out: Path) -> None:
+    """Forward ms vs tokens, log-log: softmax and linear, whole model and attention layer, per dtype."""
+    plt = _pyplot()
+    parts = sorted({r["part"] for r in data["rows"]}, key=["model", "attention"].index)
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        for dtype, style in (("fp32", "-"), ("bf16", "--")):
+            rows = sorted((r for r in data["rows"] if r["part"] == part and r["dtype"] == dtype), key=lambda r: r["tokens"])
+            for kind, color in (("softmax", "tab:red"), ("linear", "tab:blue")):
+                if rows:
+                    ax.plot([r["tokens"] for r in rows], [r[kind]["ms"] for r in rows], style, color=color, marker="o",
+                            label=f"{kind}, {dtype}")
+        tokens = sorted({r["tokens"] for r in data["rows"]})
+        ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward ms (batch 1)",
+               title=f"DiT-S/2 vs its linear twin: {'whole model' if part == 'model' else 'attention layer'}")
+        ax.set_xticks(tokens, [str(n) for n in tokens])
+        ax.minorticks_off()
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def throughput(data: dict, out: Path) -> None:
+    """Bars of benchmarks/speed.py: DiT-S/2 training and forward images/s per model and precision, and sampling
+    images/s per family, eager vs compiled."""
+    plt = _pyplot()
+    panels = (["dit_training"] if "dit_training" in data else []) + ["sampling"]
+    fig, axes = plt.subplots(1, len(panels) + ("dit_training" in data), figsize=(6 * (len(panels) + 1), 4.8), squeeze=False)
+    axes = list(axes[0])
+    if "dit_training" in data:
+        rows = data["dit_training"]["rows"]
+        for ax, what in zip(axes[:2], ("train", "forward")):
+            labels = [f"{r['model']}\n{r['precision']}" for r in rows]
+            bars = ax.bar(range(len(rows)), [r[what] for r in rows],
+                          color=["tab:gray" if r["model"].startswith("diffusers") else
+                                 "tab:blue" if "compiled" in r["model"] else "tab:cyan" for r in rows])
+            ax.bar_label(bars, [f"{r[what]:.1f}\n{100 * r[what + '_peak']:.0f}%" if math.isfinite(r[what + "_peak"])
+                                else f"{r[what]:.1f}" for r in rows], fontsize=7)
+            ax.set_xticks(range(len(rows)), labels, fontsize=7)
+            ax.set(ylabel="images/s", title=f"DiT-S/2 {'training step' if what == 'train' else 'forward'}, batch "
+                                            f"{data['dit_training']['batch']} (label: img/s, % of matmul peak)")
+        axes = axes[2:]
+    rows = data["sampling"]["rows"]
+    ax, width = axes[0], 0.38
+    xs = range(len(rows))
+    eager = ax.bar([x - width / 2 for x in xs], [r["eager"] for r in rows], width, color="tab:cyan", label="eager")
+    compiled = ax.bar([x + width / 2 for x in xs], [r["compiled"] for r in rows], width, color="tab:blue", label="compiled")
+    ax.bar_label(eager, [f"{r['eager']:.2f}" for r in rows], fontsize=7)
+    ax.bar_label(compiled, [f"{r['compiled']:.2f}\n{r['compiled'] / r['eager']:.2f}x" for r in rows], fontsize=7)
+    ax.set_xticks(list(xs), [r["family"].replace(", ", "\n") for r in rows], fontsize=7)
+    ax.set(ylabel="images/s", title=f"Sampling, batch {data['sampling']['batch']}, {data['sampling']['precision']}")
+    ax.legend(fontsize=8)
+    for ax in fig.axes:
+        ax.margins(y=0.2)
+    fig.suptitle(f"benchmarks/speed.py on {data['device']}, {data['threads']} threads, torch {data['torch']}", fontsize=9)
+    _save(fig, out)
+
+
 def _save(fig, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")
@@ -97,7 +160,8 @@ def _save(fig, out: Path) -> None:
     print(f"wrote {out}")
 
 
-PLOTS = {"sampler-error": sampler_error, "sampler-digits": sampler_digits}
+PLOTS = {"sampler-error": sampler_error, "sampler-digits": sampler_digits, "attention-scaling": attention_scaling,
+         "throughput": throughput}
 
 
 def main() -> None:

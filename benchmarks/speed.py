@@ -1,7 +1,7 @@
 """Speed of every family, eager vs compiled (torch.compile, inductor), against a peer measured in the same run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
-        [--quick]
+        [--quick] [--json speed.json]
 
 1. DiT-S/2 training step and forward (32x32x4 latents, 1,000 classes, learned sigma; the models of
    benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
@@ -14,10 +14,15 @@
    eager outputs are compared (max |difference|; token families in fp32: the fraction of equal pixels, 1 when
    no draw flips; in bf16 the logits differ in their last bits and draws flip).
 Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it).
+3. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
+   the step and so an upper bound on its % of peak and its ratio to diffusers), and the profiler's share of each
+   compiled step or sampling batch spent in matmul kernels (what compiling cannot shrink; eager time over it
+   bounds compiled / eager).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -58,6 +63,52 @@ def timed_first_and_best(fn, repeats):
     return first, best, out
 
 
+# Kernels that do the matmul FLOPs (inductor calls the same extern ones). On the CPU the profiler's self time of an
+# op is its wall time on the calling thread, which drives the intra-op threads.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::mkldnn_convolution", "aten::convolution_overrideable"}
+
+
+def matmul_seconds(fn):
+    """(wall seconds of one call of fn under torch.profiler, seconds of it in MATMUL_OPS kernels). CPU only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    return wall, sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+
+
+def dit_matmul_floor(batch, precision, repeats, device="cpu"):
+    """(seconds, FLOPs) of the DiT-S/2 training step's token matmuls run alone, best of `repeats` each: per block the
+    qkv, proj, fc1 and fc2 linears (forward, gradient of the input, gradient of the weight, in the layouts autograd
+    uses) and the six attention bmms (QK^T and PV forward, four backward), times 12 blocks. The per-image matmuls
+    (adaLN, embedders; under 1% of the FLOPs) are left out, so this is a lower bound on any implementation's step
+    with these kernels."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows, bh, n, d = batch * 256, batch * 6, 256, 64
+    pairs = []
+    for k, o in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):  # (in, out) of qkv, proj, fc1, fc2
+        x, w, g = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((rows, k), (o, k), (rows, o)))
+        pairs += [(x, w.t()), (g, w), (g.t(), x)]  # y = x W^T; dx = g W; dW = g^T x
+    q, scores = torch.randn(bh, n, d, dtype=dtype, device=device), torch.randn(bh, n, n, dtype=dtype, device=device)
+    pairs += [(q, q.transpose(1, 2))] * 2 + [(scores, q)] * 4  # QK^T, dP = dO V^T; PV, dV, dQ, dK
+    seconds = flops = 0.0
+    for a, b in pairs:
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        seconds += 12 * best
+        flops += 12 * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
+    return seconds, flops
+
+
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
 
 def dit_training_table(batch, repeats, device, peaks):
@@ -78,7 +129,7 @@ def dit_training_table(batch, repeats, device, peaks):
     calls = {"genvis eager": (genvis_model, lambda m, x, t, y: m(x, t, y)),
              "genvis compiled": (compiled, lambda m, x, t, y: m(x, t, y)),
              "diffusers eager": (peer, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample)}
-    rows, compile_times = {}, {}
+    rows, compile_times, profiles = {}, {}, {}
     for precision in ("fp32", "bf16"):
         fns = {}
         for name, (model, call) in calls.items():
@@ -95,6 +146,11 @@ def dit_training_table(batch, repeats, device, peaks):
         for name in calls:
             fwd, trn = batch / times[(name, "forward")], batch / times[(name, "train")]
             rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
+        if device == "cpu":
+            floor_s, floor_flops = dit_matmul_floor(batch, precision, 5)
+            wall, in_mm = matmul_seconds(fns[("genvis compiled", "train")])
+            profiles[precision] = dict(floor_s=floor_s, floor_gflops=floor_flops / floor_s / 1e9, step_s=wall,
+                                       step_matmul_s=in_mm, diffusers_step_s=times[("diffusers eager", "train")])
     print(f"## DiT-S/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward")
     print()
     print("| model | precision | forward img/s | train img/s | forward % peak | train % peak |")
@@ -109,6 +165,17 @@ def dit_training_table(batch, repeats, device, peaks):
               f"{compile_times[(precision, 'forward')]:.0f} s (forward) + {compile_times[(precision, 'train')]:.0f} s "
               f"(training step)")
     print()
+    for precision, p in profiles.items():
+        print(f"{precision} profile: the step's token matmuls run alone (dit_matmul_floor) take {p['floor_s']:.2f} s at "
+              f"{p['floor_gflops']:.0f} GFLOP/s, {100e9 * p['floor_gflops'] / peaks[precision]:.0f}% of the peak; so no "
+              f"step with these kernels exceeds {100 * 3 * flops * batch / p['floor_s'] / peaks[precision]:.0f}% of "
+              f"the peak or {p['diffusers_step_s'] / p['floor_s']:.2f}x diffusers' eager step. The compiled step under the "
+              f"profiler: {p['step_s']:.2f} s, {p['step_matmul_s']:.2f} s of it in matmul kernels, "
+              f"{p['step_s'] - p['step_matmul_s']:.2f} s in the rest.")
+    print()
+    return dict(batch=batch, gflop_per_image=flops / 1e9, compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
+                rows=[dict(model=name, precision=precision, forward=r[0], train=r[1], forward_peak=r[2], train_peak=r[3])
+                      for (name, precision), r in rows.items()], profiles=profiles)
 
 
 # ----------------------------------------------------------------------------- 2. sampling per family
@@ -152,8 +219,11 @@ def sampling_table(batch, repeats, device, quick):
     labels = torch.arange(batch) % 1000
     print(f"## Sampling images/s, batch {batch}, precision {precision} (auto), {device}")
     print()
-    print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |")
-    print("|---|---|---|---|---|---|")
+    profiled = device == "cpu"
+    print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |"
+          + (" compiled batch in matmuls | ceiling of compiled / eager |" if profiled else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if profiled else ""))
+    rows = []
     for name, model, tokenizer, options, compare in family_models(quick):
         model.to(device)
         decoder = tokenizer.to(device) if tokenizer is not None else None
@@ -168,9 +238,16 @@ def sampling_table(batch, repeats, device, quick):
             agree = f"{(eager == comp).float().mean().item():.3f} equal pixels"
         else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 by tests/samplers/test_compile.py
             agree = "draws differ in bf16"
-        print(f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |")
+        row = dict(family=name, eager=batch / eager_s, compiled=batch / comp_s, compile_s=first, agreement=agree)
+        line = f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |"
+        if profiled:  # the matmuls' time bounds what compiling (which fuses everything else) can save
+            wall, in_mm = matmul_seconds(lambda: run(True))
+            row.update(profiled_s=wall, matmul_s=in_mm)
+            line += f" {100 * in_mm / wall:.0f}% | {eager_s / in_mm:.2f}x |"
+        print(line)
+        rows.append(row)
     print()
-    vae_table(batch, repeats, device, precision, quick)
+    return dict(batch=batch, precision=precision, rows=rows, vae=vae_table(batch, repeats, device, precision, quick))
 
 
 def vae_table(batch, repeats, device, precision, quick):
@@ -204,6 +281,7 @@ def vae_table(batch, repeats, device, precision, quick):
           f"diffusers AutoencoderKL.decode {batch / peer_s:.2f} img/s, genvis compiled decode {batch / ours_s:.2f} img/s "
           f"({peer_s / ours_s:.2f}x; compile {first:.0f} s; max |diff| {(a.float() - b.float()).abs().max().item():.1e})")
     print()
+    return dict(diffusers=batch / peer_s, compiled=batch / ours_s, compile_s=first)
 
 
 def main() -> None:
@@ -214,6 +292,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (benchmarks/plots.py throughput)")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
     if args.device == "cpu":
@@ -222,9 +301,15 @@ def main() -> None:
     else:
         peaks = {"fp32": float("nan"), "bf16": float("nan")}  # % of peak on CPU only (dit_speed.matmul_peak is CPU)
     print()
+    results = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
+                   peaks_gflops={k: v / 1e9 for k, v in peaks.items()})
     if not args.skip_train:
-        dit_training_table(args.batch, args.repeats, args.device, peaks)
-    sampling_table(args.sample_batch, args.repeats, args.device, args.quick)
+        results["dit_training"] = dit_training_table(args.batch, args.repeats, args.device, peaks)
+    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.json)
 
 
 if __name__ == "__main__":

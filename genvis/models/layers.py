@@ -138,17 +138,21 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q, k, v [B, H, N, D].
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q [B, H, N, D], k, v [B, H, M, D]; scale defaults to 1 / sqrt(D); mask [N, M]
+    bool (True = may attend) or None. The same quantity as F.scaled_dot_product_attention(q, k, v, mask, scale=scale).
 
-    SDPA everywhere except for bf16/fp16 on the CPU with short sequences (N <= 1024), where two
+    SDPA everywhere except for bf16/fp16 on the CPU with short sequences (M <= 1024), where two
     batched matmuls and a softmax beat PyTorch's CPU flash kernel: DiT-S/2 bf16 training step
     7.8 vs 6.9 img/s on 2 Zen-4 cores (benchmarks/dit_speed.py); in fp32 the flash kernel wins.
-    Same quantity; PyTorch's CPU softmax accumulates in fp32.
+    PyTorch's CPU softmax accumulates in fp32.
     """
-    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[-2] > 1024:
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # B, H, N, N
+    if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > 1024:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)  # B, H, N, M
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
     return scores.softmax(dim=-1) @ v
 
 

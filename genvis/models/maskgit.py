@@ -33,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from genvis.errors import ConfigError, GenvisError
+from genvis.models.layers import attention
 from genvis.registry import MODELS
 
 BERT_LN_EPS = 1e-12
@@ -78,7 +79,10 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
         q, k, v = (rearrange(f(x_BLC), "b l (h d) -> b h l d", h=self.num_heads) for f in (self.query, self.key, self.value))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        if self.training and self.attn_dropout > 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout)
+        else:
+            out = attention(q, k, v)  # genvis's choice of kernel (two matmuls for bf16 on the CPU)
         return rearrange(out, "b h l d -> b l (h d)")
 
 

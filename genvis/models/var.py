@@ -35,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from genvis.errors import ConfigError, GenvisError
-from genvis.models.layers import KVCache, Mlp
+from genvis.models.layers import KVCache, Mlp, attention
 from genvis.registry import MODELS
 
 MAX_SCALE_MUL = math.log(100)  # VAR clamps the learned log attention scale here
@@ -76,7 +76,7 @@ class VARAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # scale_mul is a float32 parameter: back to the compute dtype
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = attention(q, k, v, mask, scale=self.scale)
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 

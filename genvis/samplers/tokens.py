@@ -10,10 +10,10 @@ scale's input (`MultiScaleQuantizer.accumulate`).
 
 MaskGIT (Chang et al. 2022; TiTok's ImageBert.generate, bytedance/1d-tokenizer): all N ids start
 masked. Step k of K (progress r = (k + 1) / K) runs the whole sequence once (twice with guidance),
-samples an id for every masked position by Gumbel-max with the annealed temperature T (1 - r), keeps
-the ids already revealed, scores each new id by its logit plus a second Gumbel draw (revealed ids
-score +inf) and re-masks the lowest-scored ones so that floor(N mask_ratio(r)) stay masked (at least
-one, and at least one fewer than before); the last step reveals every id.
+samples an id for every masked position by Gumbel-max (TiTok's -log(-log U) noise) with the annealed
+temperature T (1 - r), keeps the ids already revealed, scores each new id by its logit plus a second
+Gumbel draw (revealed ids score +inf) and re-masks the lowest-scored ones so that floor(N mask_ratio(r))
+stay masked (at least one, and at least one fewer than before); the last step reveals every id.
 
 Randomness: sample i's token draws (and Gumbel noise) come from generators[i] alone, in a fixed
 order, so an image does not depend on the batch size or on which process draws it.
@@ -60,10 +60,24 @@ def draw_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> 
 
 def gumbel_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
     """Standard Gumbel noise [B, *shape] (float32 on `device`), sample i's from generators[i] on its own device:
-    -log E with E ~ Exp(1), which is -log(-log U) with U ~ Uniform(0, 1)."""
+    -log E with E ~ Exp(1), which is -log(-log U) with U ~ Uniform(0, 1) (VAR's gumbel_softmax_with_rng)."""
     tiny = torch.finfo(torch.float32).tiny  # E = 0 would give +inf
     return torch.stack([-torch.empty(tuple(shape), device=g.device).exponential_(generator=g).clamp_min_(tiny).log()
                         .to(device) for g in generators])
+
+
+def uniform_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
+    """U ~ Uniform[0, 1) [B, *shape] (float32 on `device`), row i from generators[i] (all on one device)."""
+    out = torch.empty((len(generators), *shape), device=generators[0].device)
+    for row, g in zip(out, generators):
+        row.uniform_(generator=g)
+    return out.to(device)
+
+
+def gumbel_of_uniform(u: torch.Tensor) -> torch.Tensor:
+    """-log(-log U), each log's argument clamped at 1e-20: TiTok's Gumbel noise (ImageBert.generate). One uniform
+    draw is about 5x cheaper than an exponential one on the CPU, which counts for MaskGIT's [N, V] draw per step."""
+    return -(-u.clamp_min(1e-20).log()).clamp_min(1e-20).log()
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -169,18 +183,36 @@ def maskgit_masked_after(num_tokens: int, masked: torch.Tensor, r: float, schedu
     return (masked.long() - 1).clamp(max=target).clamp(min=1)
 
 
+def maskgit_pick(cond: torch.Tensor, uncond: Optional[torch.Tensor], u: Optional[torch.Tensor], scale: torch.Tensor,
+                 divisor: torch.Tensor, temperature: torch.Tensor):
+    """One MaskGIT step's draw from the network's outputs cond, uncond [B, N, V] (uncond None: unguided):
+    logits = (uncond + scale (cond - uncond)) / divisor in float32, ids = argmax(logits + temperature *
+    gumbel_of_uniform(u)) (u [B, N, V]; None: no noise). Returns ids [B, N] and their logits [B, N]. The scalars
+    are 0-dim tensors, so one compiled graph serves every step."""
+    logits = cond.float()
+    if uncond is not None:
+        uncond = uncond.float()
+        logits = uncond + scale * (logits - uncond)
+    logits = logits / divisor
+    noisy = logits if u is None else logits + temperature * gumbel_of_uniform(u)
+    sampled = noisy.argmax(dim=-1)
+    return sampled, logits.gather(-1, sampled[..., None])[..., 0]
+
+
 @torch.no_grad()
 def decode_maskgit(model, labels: torch.Tensor, *, generators: Sequence[torch.Generator], steps: int = 8,
                    schedule: str = "arccos", temperature: float = 1.0, cfg: float = 1.0, cfg_schedule: str = "linear",
                    anneal_softmax: bool = False, autocast: Callable = nullcontext,
-                   callback: Optional[Callable] = None) -> torch.Tensor:
+                   callback: Optional[Callable] = None, pick: Optional[Callable] = None) -> torch.Tensor:
     """Sample a MaskGIT for `labels` [B]: ids [B, N] (int64, row-major for a grid), every id in [0, V).
 
     steps, schedule (MaskGITSampling.mask_schedule), temperature, cfg, cfg_schedule, anneal_softmax: see
     genvis.samplers.options.MaskGITSampling. `callback({"step": k, "ids": ids})` after each step, ids [B, N] with
     model.mask_id where still masked. Re-masking keeps exactly the computed number masked (ties in the confidence
-    go by position), where TiTok's `confidence <= cut_off` would re-mask every tied id.
+    go by position), where TiTok's `confidence <= cut_off` would re-mask every tied id. `pick` replaces
+    `maskgit_pick` (the sampler passes its compiled form).
     """
+    pick = pick or maskgit_pick
     b, n, mask_id = len(labels), model.num_tokens, model.mask_id
     if len(generators) != b:
         raise GenvisError(f"{len(generators)} generators for {b} labels: give one per sample")
@@ -195,23 +227,20 @@ def decode_maskgit(model, labels: torch.Tensor, *, generators: Sequence[torch.Ge
         r = (k + 1) / steps
         masked = ids == mask_id  # [B, N]
         s = maskgit_guidance_scale(cfg, k, steps, cfg_schedule)
+        t = temperature * (1.0 - r)
         with autocast():
             if s == 1.0:  # no unconditional pass
-                logits = model(ids, labels).float()  # [B, N, V]
+                cond, uncond = model(ids, labels), None  # [B, N, V]
             else:
-                cond, uncond = model(ids.repeat(2, 1), torch.cat([labels, null])).float().chunk(2)
-                logits = uncond + s * (cond - uncond)
-        if anneal_softmax:
-            logits = logits / (0.5 + 0.8 * (1.0 - r))
-        t = temperature * (1.0 - r)
-        noisy = logits + t * gumbel_noise(logits.shape[1:], generators, device) if t > 0 else logits
-        sampled = noisy.argmax(dim=-1)  # [B, N]
-        chosen = logits.gather(-1, sampled[..., None])[..., 0]  # [B, N]: the chosen ids' logits, without noise
+                cond, uncond = model(ids.repeat(2, 1), torch.cat([labels, null])).chunk(2)
+        u = uniform_draws(cond.shape[1:], generators, device) if t > 0 else None
+        divisor = 0.5 + 0.8 * (1.0 - r) if anneal_softmax else 1.0
+        sampled, chosen = pick(cond, uncond, u, *(torch.tensor(v, device=device) for v in (s, divisor, t)))
         sampled = torch.where(masked, sampled, ids)
         if k == steps - 1:
             ids = sampled
         else:
-            confidence = chosen + t * gumbel_noise((n,), generators, device) if t > 0 else chosen
+            confidence = chosen + t * gumbel_of_uniform(uniform_draws((n,), generators, device)) if t > 0 else chosen
             confidence = torch.where(masked, confidence, torch.inf)
             keep_masked = maskgit_masked_after(n, masked.sum(dim=-1), r, schedule)  # [B]
             rank = confidence.argsort(dim=-1, stable=True).argsort(dim=-1)  # [B, N]: 0 = least confident
@@ -285,14 +314,17 @@ class MaskGITFamilySampler:
         check_maskgit_tokenizer(model, tokenizer)
         self.model, self.options = model, options
         self.steps_per_batch = options.steps
+        self.pick = maskgit_pick
 
     def compile(self) -> None:
-        """torch.compile the network in place (every step is one full forward of the same shape)."""
+        """torch.compile the network in place (every step is one full forward of the same shape) and the step's
+        draw (guidance, Gumbel noise, argmax over the vocabulary: one fused pass over the logits)."""
         self.model.compile()
+        self.pick = torch.compile(maskgit_pick)
 
     def __call__(self, labels: torch.Tensor, generators, *, autocast: Callable, callback: Optional[Callable] = None) -> torch.Tensor:
         o = self.options
         ids = decode_maskgit(self.model, labels, generators=generators, steps=o.steps, schedule=o.mask_schedule,
                              temperature=o.temperature, cfg=o.cfg, cfg_schedule=o.cfg_schedule,
-                             anneal_softmax=o.anneal_softmax, autocast=autocast, callback=callback)
+                             anneal_softmax=o.anneal_softmax, autocast=autocast, callback=callback, pick=self.pick)
         return ids.view(len(labels), *self.model.token_shape)

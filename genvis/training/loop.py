@@ -149,6 +149,7 @@ def _rows(tensors: Dict[str, torch.Tensor], rows: slice) -> Dict[str, torch.Tens
     return {k: v[rows] for k, v in tensors.items()}
 
 
+@torch.enable_grad()  # a caller's torch.no_grad() / set_grad_enabled(False) would leave the loss without a graph
 def train(cfg: RunConfig) -> Path:
     """Train (or resume) the run in cfg.output_dir; returns the exported folder."""
     from accelerate import Accelerator, PartialState

@@ -43,6 +43,13 @@ def ratio_of(r, schedule):
 
 # ----------------------------------------------------------------------------- the reference loop
 
+def titok_gumbel(shape, generator):
+    """ImageBert.generate's gumbel_noise: -log(-log U), U ~ Uniform[0, 1), each log's argument clamped at 1e-20."""
+    def log(t, eps=1e-20):
+        return torch.log(t.clamp(min=eps))
+    return -log(-log(torch.zeros(shape).uniform_(0, 1, generator=generator)))
+
+
 @torch.no_grad()
 def official_decode(model, labels, generators, steps=8, schedule="arccos", temperature=1.0, cfg=1.0,
                     cfg_schedule="linear", anneal_softmax=False):
@@ -66,14 +73,12 @@ def official_decode(model, labels, generators, steps=8, schedule="arccos", tempe
             logits = cond
         if anneal_softmax:
             logits = logits / (0.5 + 0.8 * (1 - ratio))
-        noise = torch.stack([-torch.log(torch.empty(N, V).exponential_(generator=gen)) for gen in generators]) \
-            if temp > 0 else 0.0
+        noise = torch.stack([titok_gumbel((N, V), gen) for gen in generators]) if temp > 0 else 0.0
         sampled = (logits + temp * noise).argmax(-1)
         sampled_logits = torch.gather(logits, -1, sampled[..., None])[..., 0]
         sampled = torch.where(is_mask, sampled, ids)
         sampled_logits = torch.where(is_mask, sampled_logits, math.inf)
-        noise = torch.stack([-torch.log(torch.empty(N).exponential_(generator=gen)) for gen in generators]) \
-            if temp > 0 else 0.0
+        noise = torch.stack([titok_gumbel((N,), gen) for gen in generators]) if temp > 0 else 0.0
         confidence = sampled_logits + temp * noise
         if step == steps - 1:
             ids = sampled

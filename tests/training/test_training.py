@@ -109,8 +109,14 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Also: train() called from inside torch.no_grad() (as a benchmark that samples afterwards may) still trains,
+    in-process, and gives the weights the CLI gives."""
+    from genvis.config import load_config
+    from genvis.training.loop import train
+
     a_dir, b_dir = tmp_path / "full", tmp_path / "accum"
-    run_train(a_dir, "train.steps=2", "train.checkpoint_every=0")
+    with torch.no_grad():
+        train(load_config(DIGITS, [f"output_dir={a_dir}", *SMALL, "train.steps=2", "train.checkpoint_every=0"]))
     run_train(b_dir, "train.steps=2", "train.checkpoint_every=0", "train.grad_accum=4")
     a, b = weights(a_dir / "model"), weights(b_dir / "model")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
