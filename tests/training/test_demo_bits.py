@@ -26,10 +26,19 @@ def tensors_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles for bf16 (Linux /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 def test_demo_preset_gives_the_recorded_bits(tmp_path):
     from genvis.precision import resolve_precision
 
-    here = {"torch": torch.__version__, "precision": {"bf16": "bf16", "no": "fp32"}.get(resolve_precision("auto", torch.device("cpu")))}
+    here = {"torch": torch.__version__, "precision": {"bf16": "bf16", "no": "fp32"}.get(resolve_precision("auto", torch.device("cpu"))),
+            "amx": has_amx()}  # oneDNN's bf16 GEMMs round differently with and without AMX tiles
     if any(here[k] != GOLDEN[k] for k in here):
         pytest.skip(f"bits were recorded with {({k: GOLDEN[k] for k in here})}; this machine has {here}")
     env = {**os.environ, "OMP_NUM_THREADS": str(GOLDEN["threads"])}  # bf16 reductions depend on the thread count
