@@ -63,10 +63,7 @@ def sampler_error(data: dict, out: Path) -> None:
     m = data["model"]
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMS error vs the exact PF-ODE solution",
            title=f"Sampler error: {m['components']}-Gaussian mixture, D={m['dim']}, {m['samples']} samples")
-    ax.set_xticks(nfes, [str(n) for n in nfes])
-    ax.minorticks_off()
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _finish_axes(ax, nfes, legend_outside=True)
     _save(fig, out)
 
 
@@ -86,10 +83,7 @@ def sampler_digits(data: list, out: Path) -> None:
     nfes = sorted({n for points in lines.values() for n, _ in points})
     ax.set(xscale="log", xlabel="NFE (steps)", ylabel="fd (digits classifier features)",
            title="Digits DiT: fd of class-balanced samples vs NFE")
-    ax.set_xticks(nfes, [str(n) for n in nfes])
-    ax.minorticks_off()
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _finish_axes(ax, nfes, legend_outside=True)
     _save(fig, out)
 
 
@@ -108,10 +102,7 @@ def attention_scaling(data: dict, out: Path) -> None:
         tokens = sorted({r["tokens"] for r in data["rows"]})
         ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="forward ms (batch 1)",
                title=f"DiT-S/2 vs its linear twin: {'whole model' if part == 'model' else 'attention layer'}")
-        ax.set_xticks(tokens, [str(n) for n in tokens])
-        ax.minorticks_off()
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_axes(ax, tokens)
     _save(fig, out)
 
 
@@ -149,6 +140,17 @@ def throughput(data: dict, out: Path) -> None:
         ax.margins(y=0.2)
     fig.suptitle(f"benchmarks/speed.py on {data['device']}, {data['threads']} threads, torch {data['torch']}", fontsize=9)
     _save(fig, out)
+
+
+def _finish_axes(ax, ticks, legend_outside: bool = False) -> None:
+    """Label the log x axis at `ticks` only, a light major grid, and the legend (beside the axes when outside)."""
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+    if legend_outside:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
 
 
 def _save(fig, out: Path) -> None:
