@@ -58,20 +58,21 @@ def draw_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> 
     return torch.stack(out)
 
 
-def gumbel_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
-    """Standard Gumbel noise [B, *shape] (float32 on `device`), sample i's from generators[i] on its own device:
-    -log E with E ~ Exp(1), which is -log(-log U) with U ~ Uniform(0, 1) (VAR's gumbel_softmax_with_rng)."""
-    tiny = torch.finfo(torch.float32).tiny  # E = 0 would give +inf
-    return torch.stack([-torch.empty(tuple(shape), device=g.device).exponential_(generator=g).clamp_min_(tiny).log()
-                        .to(device) for g in generators])
-
-
-def uniform_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
-    """U ~ Uniform[0, 1) [B, *shape] (float32 on `device`), row i from generators[i] (all on one device)."""
+def per_sample_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None,
+                     kind: str = "uniform") -> torch.Tensor:
+    """[B, *shape] float32 on `device`, row i drawn from generators[i] (all on one device): U ~ Uniform[0, 1)
+    ("uniform") or E ~ Exp(1) ("exponential")."""
     out = torch.empty((len(generators), *shape), device=generators[0].device)
     for row, g in zip(out, generators):
-        row.uniform_(generator=g)
+        row.uniform_(generator=g) if kind == "uniform" else row.exponential_(generator=g)
     return out.to(device)
+
+
+def gumbel_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
+    """Standard Gumbel noise [B, *shape] (float32 on `device`), sample i's from generators[i]: -log E with
+    E ~ Exp(1), which is -log(-log U) with U ~ Uniform(0, 1) (VAR's gumbel_softmax_with_rng)."""
+    tiny = torch.finfo(torch.float32).tiny  # E = 0 would give +inf
+    return -per_sample_draws(shape, generators, device, kind="exponential").clamp_min_(tiny).log_()
 
 
 def gumbel_of_uniform(u: torch.Tensor) -> torch.Tensor:
@@ -233,14 +234,14 @@ def decode_maskgit(model, labels: torch.Tensor, *, generators: Sequence[torch.Ge
                 cond, uncond = model(ids, labels), None  # [B, N, V]
             else:
                 cond, uncond = model(ids.repeat(2, 1), torch.cat([labels, null])).chunk(2)
-        u = uniform_draws(cond.shape[1:], generators, device) if t > 0 else None
+        u = per_sample_draws(cond.shape[1:], generators, device) if t > 0 else None
         divisor = 0.5 + 0.8 * (1.0 - r) if anneal_softmax else 1.0
         sampled, chosen = pick(cond, uncond, u, *(torch.tensor(v, device=device) for v in (s, divisor, t)))
         sampled = torch.where(masked, sampled, ids)
         if k == steps - 1:
             ids = sampled
         else:
-            confidence = chosen + t * gumbel_of_uniform(uniform_draws((n,), generators, device)) if t > 0 else chosen
+            confidence = chosen + t * gumbel_of_uniform(per_sample_draws((n,), generators, device)) if t > 0 else chosen
             confidence = torch.where(masked, confidence, torch.inf)
             keep_masked = maskgit_masked_after(n, masked.sum(dim=-1), r, schedule)  # [B]
             rank = confidence.argsort(dim=-1, stable=True).argsort(dim=-1)  # [B, N]: 0 = least confident
