@@ -91,11 +91,11 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
     pairs = []
     for k, o in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):  # (in, out) of qkv, proj, fc1, fc2
         x, w, g = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((rows, k), (o, k), (rows, o)))
-        pairs += [(x, w.t()), (g, w), (g.t(), x)]  # y = x W^T; dx = g W; dW = g^T x
+        pairs += [(x, w.t(), 1), (g, w, 1), (g.t(), x, 1)]  # y = x W^T; dx = g W; dW = g^T x
     q, scores = torch.randn(bh, n, d, dtype=dtype, device=device), torch.randn(bh, n, n, dtype=dtype, device=device)
-    pairs += [(q, q.transpose(1, 2))] * 2 + [(scores, q)] * 4  # QK^T, dP = dO V^T; PV, dV, dQ, dK
+    pairs += [(q, q.transpose(1, 2), 2), (scores, q, 4)]  # QK^T, dP = dO V^T; PV, dV, dQ, dK (timed once each shape)
     seconds = flops = 0.0
-    for a, b in pairs:
+    for a, b, count in pairs:
         a @ b
         best = float("inf")
         for _ in range(repeats):
@@ -104,8 +104,8 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
             if device != "cpu":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
-        seconds += 12 * best
-        flops += 12 * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
+        seconds += 12 * count * best
+        flops += 12 * count * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
     return seconds, flops
 
 
