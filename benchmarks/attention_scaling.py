@@ -23,7 +23,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 WIDTH, DEPTH, HEADS, PATCH = 384, 12, 6, 2
 
@@ -126,9 +125,9 @@ def main() -> None:
                 print(f"| {part} | {dtype} | {n} | {s['ms']:.1f} | {lin['ms']:.1f} | {s['ms'] / lin['ms']:.2f}x | {flops} | "
                       f"{s['peak_mb']:.0f} | {lin['peak_mb']:.0f} | {ratio:.2f}x |", flush=True)
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(dict(device=args.device, rows=rows), indent=1))
-        tmp.replace(args.json)
+        from genvis.io import write_json_atomic
+
+        write_json_atomic(args.json, dict(device=args.device, rows=rows))
     if 1024 in tokens and 4096 in tokens:
         print("\nlinear cost growth from 1024 to 4096 tokens (4x the tokens):")
         for (part, dtype, n), ms in linear_ms.items():

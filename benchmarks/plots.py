@@ -110,8 +110,8 @@ def throughput(data: dict, out: Path) -> None:
     """Bars of benchmarks/speed.py: DiT-S/2 training and forward images/s per model and precision, and sampling
     images/s per family, eager vs compiled."""
     plt = _pyplot()
-    panels = (["dit_training"] if "dit_training" in data else []) + ["sampling"]
-    fig, axes = plt.subplots(1, len(panels) + ("dit_training" in data), figsize=(6 * (len(panels) + 1), 4.8), squeeze=False)
+    panels = 3 if "dit_training" in data else 1  # training step, forward; sampling
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
     axes = list(axes[0])
     if "dit_training" in data:
         rows = data["dit_training"]["rows"]

@@ -22,7 +22,6 @@ Compile time (the first call) is reported apart from the steady state (best of -
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_speed import autocast, best_times, make_steps, matmul_peak  # noqa: E402  (one benchmark's helpers)
 
 from genvis.generate import generate  # noqa: E402
+from genvis.io import write_json_atomic  # noqa: E402
 from genvis.models.dit import DiT, dit_config  # noqa: E402
 from genvis.precision import resolve_precision  # noqa: E402
 
@@ -307,9 +307,7 @@ def main() -> None:
         results["dit_training"] = dit_training_table(args.batch, args.repeats, args.device, peaks)
     results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick)
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.json)
+        write_json_atomic(args.json, results)
 
 
 if __name__ == "__main__":
