@@ -15,9 +15,10 @@
    no draw flips; in bf16 the logits differ in their last bits and draws flip).
 Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it).
 3. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
-   the step and so an upper bound on its % of peak and its ratio to diffusers), and the profiler's share of each
-   compiled step or sampling batch spent in matmul kernels (what compiling cannot shrink; eager time over it
-   bounds compiled / eager).
+   the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
+   timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
+   each compiled step or sampling batch spent in the ATen kernels compiling keeps: matmuls, and sort / topk /
+   random draws (eager time over their time bounds compiled / eager).
 """
 from __future__ import annotations
 
@@ -67,17 +68,26 @@ def timed_first_and_best(fn, repeats):
 # op is its wall time on the calling thread, which drives the intra-op threads.
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::mkldnn_convolution", "aten::convolution_overrideable"}
+# Kernels inductor does not generate but calls from ATen, compiled or not: sorting and per-generator random draws.
+ATEN_ONLY_OPS = {"aten::sort", "aten::topk", "aten::uniform_", "aten::exponential_", "aten::multinomial",
+                 "aten::normal_", "aten::randn"}
+torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels appear in the profile by name
 
 
-def matmul_seconds(fn):
-    """(wall seconds of one call of fn under torch.profiler, seconds of it in MATMUL_OPS kernels). CPU only."""
+def profile_split(fn, top=0):
+    """One call of fn under torch.profiler (CPU): (wall seconds, seconds in MATMUL_OPS, seconds in ATEN_ONLY_OPS,
+    [(seconds, calls, name)] of the `top` other ops by self time)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
-    return wall, sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    events = prof.key_averages()
+    other = sorted(((e.self_cpu_time_total / 1e6, e.count, e.key) for e in events
+                    if e.key not in MATMUL_OPS | ATEN_ONLY_OPS), reverse=True)
+    return (wall, sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6,
+            sum(e.self_cpu_time_total for e in events if e.key in ATEN_ONLY_OPS) / 1e6, other[:top])
 
 
 def dit_matmul_floor(batch, precision, repeats, device="cpu"):
@@ -107,6 +117,44 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
         seconds += 12 * count * best
         flops += 12 * count * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
     return seconds, flops
+
+
+def dit_elementwise_floor(batch, model, repeats):
+    """Seconds of the DiT-S/2 bf16 training step's unavoidable non-matmul work run alone, best of `repeats` each, in
+    its fastest form here: the attention softmax forward + backward ([6 batch, 256, 256]) and the tanh-GELU forward +
+    backward ([256 batch, 1536]), each compiled, times 12 blocks; LayerNorm + adaLN modulation forward + backward
+    ([batch, 256, 384] float32 in, bf16 out), compiled, times 24; and one fused AdamW step over `model`'s parameters.
+    Returns {part: seconds}."""
+    from genvis.models.layers import gelu_tanh, modulate
+
+    def best(fn):
+        fn()
+        fn()  # the first calls compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def forward_backward(f, shape, dtype=torch.bfloat16):
+        f = torch.compile(f)
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        g = torch.randn(*shape, dtype=torch.bfloat16)
+        return lambda: f(x).backward(g)
+
+    shift, scale = (torch.randn(batch, 384, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    norm = torch.nn.LayerNorm(384, elementwise_affine=False, eps=1e-6)
+
+    params = [torch.zeros_like(p, requires_grad=True) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    return {"softmax": 12 * best(forward_backward(lambda x: x.softmax(-1), (6 * batch, 256, 256))),
+            "tanh-GELU": 12 * best(forward_backward(gelu_tanh, (256 * batch, 1536))),
+            "LayerNorm + modulation": 24 * best(forward_backward(lambda x: modulate(norm(x), shift, scale).bfloat16(),
+                                                                 (batch, 256, 384), torch.float32)),
+            "AdamW (fused)": best(opt.step)}
 
 
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
@@ -148,9 +196,12 @@ def dit_training_table(batch, repeats, device, peaks):
             rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
         if device == "cpu":
             floor_s, floor_flops = dit_matmul_floor(batch, precision, 5)
-            wall, in_mm = matmul_seconds(fns[("genvis compiled", "train")])
+            wall, in_mm, _, other = profile_split(fns[("genvis compiled", "train")], top=8)
             profiles[precision] = dict(floor_s=floor_s, floor_gflops=floor_flops / floor_s / 1e9, step_s=wall,
-                                       step_matmul_s=in_mm, diffusers_step_s=times[("diffusers eager", "train")])
+                                       step_matmul_s=in_mm, diffusers_step_s=times[("diffusers eager", "train")],
+                                       step_top_other=[dict(seconds=t, calls=n, kernel=k) for t, n, k in other])
+            if precision == "bf16":
+                profiles[precision]["elementwise_floor_s"] = dit_elementwise_floor(batch, genvis_model, 5)
     print(f"## DiT-S/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward")
     print()
     print("| model | precision | forward img/s | train img/s | forward % peak | train % peak |")
@@ -171,7 +222,16 @@ def dit_training_table(batch, repeats, device, peaks):
               f"step with these kernels exceeds {100 * 3 * flops * batch / p['floor_s'] / peaks[precision]:.0f}% of "
               f"the peak or {p['diffusers_step_s'] / p['floor_s']:.2f}x diffusers' eager step. The compiled step under the "
               f"profiler: {p['step_s']:.2f} s, {p['step_matmul_s']:.2f} s of it in matmul kernels, "
-              f"{p['step_s'] - p['step_matmul_s']:.2f} s in the rest.")
+              f"{p['step_s'] - p['step_matmul_s']:.2f} s in the rest, most of it in:")
+        for row in p["step_top_other"]:
+            print(f"    {1e3 * row['seconds']:6.1f} ms  {row['calls']:4d} calls  {row['kernel'][:110]}")
+        if "elementwise_floor_s" in p:
+            parts = p["elementwise_floor_s"]
+            total = p["floor_s"] + sum(parts.values())
+            print("  Run alone at their best (forward + backward, compiled): "
+                  + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
+                  + f": with the matmuls alone, {total:.2f} s, so no step built from these kernels exceeds "
+                  f"{100 * 3 * flops * batch / total / peaks[precision]:.0f}% of the peak.")
     print()
     return dict(batch=batch, gflop_per_image=flops / 1e9, compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
                 rows=[dict(model=name, precision=precision, forward=r[0], train=r[1], forward_peak=r[2], train_peak=r[3])
@@ -221,8 +281,8 @@ def sampling_table(batch, repeats, device, quick):
     print()
     profiled = device == "cpu"
     print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |"
-          + (" compiled batch in matmuls | ceiling of compiled / eager |" if profiled else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|" if profiled else ""))
+          + (" compiled batch in matmuls | in sort / topk / draws | ceiling of compiled / eager |" if profiled else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|" if profiled else ""))
     rows = []
     for name, model, tokenizer, options, compare in family_models(quick):
         model.to(device)
@@ -240,10 +300,10 @@ def sampling_table(batch, repeats, device, quick):
             agree = "draws differ in bf16"
         row = dict(family=name, eager=batch / eager_s, compiled=batch / comp_s, compile_s=first, agreement=agree)
         line = f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |"
-        if profiled:  # the matmuls' time bounds what compiling (which fuses everything else) can save
-            wall, in_mm = matmul_seconds(lambda: run(True))
-            row.update(profiled_s=wall, matmul_s=in_mm)
-            line += f" {100 * in_mm / wall:.0f}% | {eager_s / in_mm:.2f}x |"
+        if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws) bound what it can save
+            wall, in_mm, in_aten, _ = profile_split(lambda: run(True))
+            row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten)
+            line += f" {100 * in_mm / wall:.0f}% | {100 * in_aten / wall:.0f}% | {eager_s / (in_mm + in_aten):.2f}x |"
         print(line)
         rows.append(row)
     print()

@@ -138,6 +138,31 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")
 
 
+@torch.library.custom_op("genvis::softmax", mutates_args=())
+def softmax_kernel(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension as one opaque op: ATen's kernel, which keeps each row in cache. Inductor
+    otherwise decomposes softmax into a kernel that writes exp(x - max) to a float32 buffer of the whole input
+    and reads it back; inside a compiled VAR block that kernel took 407 ms per d8 batch, ATen's 190 ms."""
+    return torch.softmax(x, dim=-1)
+
+
+@softmax_kernel.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _softmax_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    (out,) = ctx.saved_tensors
+    return torch._softmax_backward_data(grad, out, -1, out.dtype)
+
+
+softmax_kernel.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
               scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q [B, H, N, D], k, v [B, H, M, D]; scale defaults to 1 / sqrt(D); mask [N, M]
@@ -153,7 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     scores = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-1, -2)  # B, H, N, M
     if mask is not None:
         scores = scores.masked_fill(~mask, -torch.inf)
-    return scores.softmax(dim=-1) @ v
+    return (softmax_kernel(scores) if torch.compiler.is_compiling() else scores.softmax(dim=-1)) @ v
 
 
 class Attention(nn.Module):
@@ -199,6 +224,20 @@ class KVCache:
         return k, v
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (DiT's and VAR's MLP activation).
+
+    Eager: F.gelu(approximate="tanh"). Under torch.compile the same function in its sigmoid form,
+    x sigmoid(2 sqrt(2 / pi) x (1 + 0.044715 x^2)) (0.5 (1 + tanh u) = sigmoid(2 u)), in float32 and cast back to
+    x's dtype: inductor's CPU kernels for it run forward + backward in 10 ms on a DiT-S/2 batch-32 MLP activation
+    [8192, 1536] in bf16, against 22 ms for its tanh-GELU (2 Zen-4 cores); the two differ by under 5e-7 in float32.
+    """
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    xf = x.float()
+    return (xf * torch.sigmoid(1.5957691216057308 * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2."""
 
@@ -208,7 +247,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int]]) -> np.ndarray:

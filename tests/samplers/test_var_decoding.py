@@ -110,6 +110,21 @@ def test_top_p_is_taken_after_top_k():
     assert torch.equal(~torch.isinf(got[0]), torch.tensor([True, True] + [False] * 14))
 
 
+def test_the_gumbel_max_draw_has_the_softmax_distribution():
+    """var_pick's ids over 40,000 draws from fixed filtered logits: each id's frequency within 4.5 standard errors
+    of its softmax probability, and the filtered ids never drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
+    n = 40_000
+    cond = logits.expand(1, n, 8)
+    u = torch.rand(1, n, 8, generator=torch.Generator().manual_seed(0))
+    one = torch.tensor(1.0)
+    ids, filtered = tokens.var_pick(cond, None, u, one, one - 1, one, top_k=6, top_p=0.0)
+    probs = torch.softmax(filter_logits(logits, top_k=6), dim=-1).double()
+    freq = torch.bincount(ids[0], minlength=8).double() / n
+    assert freq[5] == 0 and freq[4] == 0  # the two below the 6th largest
+    assert ((freq - probs).abs() <= 4.5 * (probs * (1 - probs) / n).sqrt() + 1e-12).all(), (freq, probs)
+
+
 def test_guidance_scale():
     assert [guidance_scale(3.0, k, 3) for k in range(3)] == [1.0, 2.0, 3.0]
     assert guidance_scale(2.5, 9, 10) == 2.5 and guidance_scale(2.5, 0, 10) == 1.0
@@ -123,8 +138,9 @@ def reference_decode(model, quantizer, labels, generators, cfg=1.0, top_k=0, top
                      smooth=False):
     """Unguided / guided VAR sampling without a KV cache: at every scale k the full teacher-forcing forward
     (inputs of the scales not drawn yet are zeros, which the block-causal mask hides) from the f_hat
-    accumulated so far; scale k's logits s_k cond - (s_k - 1) uncond; sample i's ids drawn with
-    torch.multinomial(softmax(logits_i), 1, generator=g_i). Returns (ids [B, L], f_hat, logits per scale)."""
+    accumulated so far; scale k's logits s_k cond - (s_k - 1) uncond; sample i's ids drawn by Gumbel-max,
+    argmax(logits_i - log(-log U_i)) with U_i = torch.rand(l, V, generator=g_i) (each log's argument clamped at
+    1e-20, TiTok's form). Returns (ids [B, L], f_hat, logits per scale)."""
     B, S, side = len(labels), len(SCALES), SCALES[-1]
     null = torch.full_like(labels, model.config.num_classes)
     ranges, start = [], 0
@@ -145,8 +161,8 @@ def reference_decode(model, quantizer, labels, generators, cfg=1.0, top_k=0, top
                 logits = s * logits - (s - 1) * model(null, x)[:, begin:end]
         logits = official_filter(logits / temperature, top_k, top_p)
         seen.append(logits)
-        probs = torch.softmax(logits, dim=-1)
-        drawn = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0] for i, g in enumerate(generators)])
+        u = torch.stack([torch.rand(p * p, VOCAB, generator=g) for g in generators])
+        drawn = (logits - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(dim=-1)
         ids.append(drawn)
         if smooth:
             ratio = k / (S - 1)
@@ -170,13 +186,14 @@ def reference_decode(model, quantizer, labels, generators, cfg=1.0, top_k=0, top
 def spy(monkeypatch):
     """The logits decode_var draws from, one [B, l, V] per scale."""
     seen = []
-    draw = tokens.draw_tokens
+    pick = tokens.var_pick
 
-    def recording(logits, generators):
+    def recording(*args, **kwargs):
+        ids, logits = pick(*args, **kwargs)
         seen.append(logits.clone())
-        return draw(logits, generators)
+        return ids, logits
 
-    monkeypatch.setattr(tokens, "draw_tokens", recording)
+    monkeypatch.setattr(tokens, "var_pick", recording)
     return seen
 
 
