@@ -35,18 +35,21 @@ from genvis.samplers.options import MASKGIT_CFG_SCHEDULES, MASK_SCHEDULES, MaskG
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Top-k, then top-p (nucleus) filtering of logits [..., V]: removed entries become -inf (VAR's
     sample_with_top_k_top_p_: the ids whose ascending cumulative probability is <= 1 - top_p go, the most
-    likely id always stays). top_k = 0 / top_p = 0 turn a filter off."""
-    logits = logits.clone()
+    likely id always stays). top_k = 0 / top_p = 0 turn a filter off.
+
+    The removed ids are a prefix of the ascending order, so top-p keeps every logit >= the first kept sorted
+    value: no scatter back to vocabulary order (inductor's CPU scatter runs serially). Where logits tie at that
+    value all of them stay; VAR's scatter removes an arbitrary subset of the tied ones."""
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, -torch.inf)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
     if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        remove[..., -1:] = False
-        logits.masked_fill_(remove.scatter(-1, order, remove), -torch.inf)
-    return logits
+        ascending = logits.sort(dim=-1).values
+        removed = (ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p).sum(dim=-1, keepdim=True)
+        cutoff = ascending.gather(-1, removed.clamp_max(vocab - 1))
+        logits = logits.masked_fill(logits < cutoff, -torch.inf)
+    return logits if top_k or top_p else logits.clone()
 
 
 def per_sample_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None,

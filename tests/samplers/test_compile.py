@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from genvis.generate import generate
+from genvis.samplers.tokens import maskgit_pick, var_pick
 
 LABELS = torch.tensor([0, 1, 2, 3])
 
@@ -58,10 +59,22 @@ def test_var_with_its_kv_cache():
                                       codebook_size=12, scales=(1, 2, 3, 4)).eval()
     model = o1_weights(VAR(vocab_size=12, token_dim=8, scales=(1, 2, 3, 4), num_classes=10, depth=2, embed_dim=32,
                            num_heads=2))
-    eager, compiled = eager_and_compiled(model, tokenizer, cfg=1.5, top_k=0, top_p=0.0)
-    assert eager.shape == (4, 1, 8, 8)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    for options in (dict(cfg=1.5, top_k=0, top_p=0.0), dict(cfg=2.0, top_k=6, top_p=0.9)):
+        eager, compiled = eager_and_compiled(model, tokenizer, **options)
+        assert eager.shape == (4, 1, 8, 8)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert all(block._compiled_call_impl is not None for block in model.blocks) and model.head._compiled_call_impl is not None
+    assert_draw_is_compiled("var", model, tokenizer, var_pick)
+
+
+def assert_draw_is_compiled(family, model, tokenizer, pick):
+    """The family sampler's compile() also compiles its per-step draw (guidance, filtering, noise, argmax)."""
+    from genvis.registry import FAMILIES
+
+    sampler = FAMILIES.get(family)(model, FAMILIES.schema(family)(), tokenizer)
+    assert sampler.pick is pick
+    sampler.compile()
+    assert getattr(sampler.pick, "_torchdynamo_orig_callable", None) is pick
 
 
 def test_maskgit():
@@ -77,3 +90,4 @@ def test_maskgit():
     assert eager.shape == (4, 1, 8, 8)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert model._compiled_call_impl is not None
+    assert_draw_is_compiled("maskgit", model, tokenizer, maskgit_pick)

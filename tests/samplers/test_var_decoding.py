@@ -100,6 +100,16 @@ def test_filter_logits_is_vars_top_k_then_top_p(top_k, top_p):
     assert torch.equal(flat, before)
 
 
+def test_ties_at_the_top_p_cutoff_all_stay():
+    """Probabilities (0.4, 0.2, 0.2, 0.2) with top-p 0.7: ascending cumulative 0.2, 0.4, 0.6, 1.0, of which only
+    the first is <= 0.3, so VAR removes one of the three tied ids (which one depends on its sort); genvis keeps all
+    three. A cutoff that passes all the tied ones removes them all: (0.7, 0.1, 0.1, 0.1) with top-p 0.5."""
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).sum() == 0
+    got = filter_logits(torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]])), top_p=0.5)  # 0.1, 0.2, 0.3 <= 0.5
+    assert torch.equal(torch.isinf(got), torch.tensor([[False, True, True, True]]))
+
+
 def test_top_p_is_taken_after_top_k():
     # top-p over the probabilities renormalised on the top-k ids: top-k 3 of logits (4, 3, 2, 1, 0 x 12) leaves
     # probabilities (0.665, 0.245, 0.090), and top-p 0.9 removes the third (0.090 <= 0.1); on the full softmax
