@@ -35,7 +35,8 @@ from genvis.samplers.options import MASKGIT_CFG_SCHEDULES, MASK_SCHEDULES, MaskG
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Top-k, then top-p (nucleus) filtering of logits [..., V]: removed entries become -inf (VAR's
     sample_with_top_k_top_p_: the ids whose ascending cumulative probability is <= 1 - top_p go, the most
-    likely id always stays). top_k = 0 / top_p = 0 turn a filter off.
+    likely id always stays). top_k = 0 / top_p = 0 turn a filter off. The input is never modified (with both off it
+    is returned as it is).
 
     The removed ids are a prefix of the ascending order, so top-p keeps every logit >= the first kept sorted
     value: no scatter back to vocabulary order (inductor's CPU scatter runs serially). Where logits tie at that
@@ -49,7 +50,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         removed = (ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p).sum(dim=-1, keepdim=True)
         cutoff = ascending.gather(-1, removed.clamp_max(vocab - 1))
         logits = logits.masked_fill(logits < cutoff, -torch.inf)
-    return logits if top_k or top_p else logits.clone()
+    return logits
 
 
 def per_sample_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None,
