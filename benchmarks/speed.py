@@ -13,7 +13,9 @@
    32 x 32 latents to 256 x 256) against diffusers' AutoencoderKL.decode, the same network eager. Compiled and
    eager outputs are compared (max |difference|; token families in fp32: the fraction of equal pixels, 1 when
    no draw flips; in bf16 the logits differ in their last bits and draws flip).
-Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it).
+Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; for
+sampling, eager and compiled calls alternate, on two copies of the network, so that drifts in the machine's
+speed hit both alike).
 3. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
    the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
    timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
@@ -23,6 +25,7 @@ Compile time (the first call) is reported apart from the steady state (best of -
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -287,10 +290,15 @@ def sampling_table(batch, repeats, device, quick):
     for name, model, tokenizer, options, compare in family_models(quick):
         model.to(device)
         decoder = tokenizer.to(device) if tokenizer is not None else None
-        run = lambda compile: generate(model, decoder, labels, seed=0, precision=precision, compile=compile,  # noqa: E731
-                                       batch_size=batch, **options)
-        _, eager_s, eager = timed_first_and_best(lambda: run(False), repeats)
-        first, comp_s, comp = timed_first_and_best(lambda: run(True), repeats)
+        twin = copy.deepcopy(model)  # generate(compile=True) compiles the network in place: keep one eager
+        run = lambda compile: generate(twin if compile else model, decoder, labels, seed=0,  # noqa: E731
+                                       precision=precision, compile=compile, batch_size=batch, **options)
+        t0 = time.perf_counter()
+        run(True)  # compiles
+        first = time.perf_counter() - t0
+        times = best_times({False: lambda: run(False), True: lambda: run(True)}, repeats)  # interleaved rounds
+        eager_s, comp_s = times[False], times[True]
+        eager, comp = run(False), run(True)
         diff = (eager - comp).abs().max().item()
         if compare == "max |diff|":
             agree = f"max |diff| {diff:.1e}"
