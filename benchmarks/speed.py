@@ -130,15 +130,8 @@ def dit_elementwise_floor(batch, model, repeats):
     Returns {part: seconds}."""
     from genvis.models.layers import gelu_tanh, modulate
 
-    def best(fn):
-        fn()
-        fn()  # the first calls compile
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def best(fn):  # the first call compiles the forward and the backward
+        return timed_first_and_best(fn, repeats)[1]
 
     def forward_backward(f, shape, dtype=torch.bfloat16):
         f = torch.compile(f)
