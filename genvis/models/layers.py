@@ -238,6 +238,43 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.sigmoid(1.5957691216057308 * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
 
 
+@torch.library.custom_op("genvis::gelu", mutates_args=())
+def gelu_kernel(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU as one opaque op: ATen's kernel. Inductor's CPU kernel for erf-GELU ran 1.75 ms on a
+    [2048, 2048] bf16 activation (MaskGIT 12 x 512, batch 8 with guidance) against 0.99 ms for ATen's (2 Zen-4
+    cores), 96 times per MaskGIT batch."""
+    return F.gelu(x)
+
+
+@gelu_kernel.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _gelu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _gelu_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    return torch.ops.aten.gelu_backward(grad, x)
+
+
+gelu_kernel.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU, x Phi(x) (BERT's and CLIP's "gelu"): F.gelu, as `gelu_kernel` under torch.compile."""
+    return gelu_kernel(x) if torch.compiler.is_compiling() else F.gelu(x)
+
+
+class GELU(nn.Module):
+    """nn.GELU() through `gelu` (no parameters: state dicts are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2."""
 

@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from genvis.errors import ConfigError, GenvisError
-from genvis.models.layers import attention
+from genvis.models.layers import attention, gelu
 from genvis.registry import MODELS
 
 BERT_LN_EPS = 1e-12
@@ -115,7 +115,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(hidden_size, intermediate_size)
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x_BLC))  # exact erf GELU (BERT's hidden_act "gelu")
+        return gelu(self.dense(x_BLC))  # exact erf GELU (BERT's hidden_act "gelu")
 
 
 class BertLayer(nn.Module):

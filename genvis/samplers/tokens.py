@@ -40,17 +40,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 
     The removed ids are a prefix of the ascending order, so top-p keeps every logit >= the first kept sorted
     value: no scatter back to vocabulary order (inductor's CPU scatter runs serially). Where logits tie at that
-    value all of them stay; VAR's scatter removes an arbitrary subset of the tied ones."""
+    value all of them stay; VAR's scatter removes an arbitrary subset of the tied ones. After top-k, top-p needs
+    only the k values topk returns sorted, not a sort of the vocabulary (`_top_p_cutoff`)."""
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        top = logits.topk(top_k, dim=-1, sorted=top_p > 0).values  # sorted: descending
+        kth = top[..., -1:] if top_p > 0 else top.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p > 0:
+        if top_p > 0:
+            # ids tied with the k-th beyond the k also stayed: they come first in the ascending order
+            extra = (logits >= kth).sum(dim=-1, keepdim=True) - top_k
+            return logits.masked_fill(logits < _top_p_cutoff(top.flip(-1), top_p, extra), -torch.inf)
+    elif top_p > 0:
         ascending = logits.sort(dim=-1).values
-        removed = (ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p).sum(dim=-1, keepdim=True)
-        cutoff = ascending.gather(-1, removed.clamp_max(vocab - 1))
-        logits = logits.masked_fill(logits < cutoff, -torch.inf)
+        return logits.masked_fill(logits < _top_p_cutoff(ascending, top_p), -torch.inf)
     return logits
+
+
+def _top_p_cutoff(ascending: torch.Tensor, top_p: float, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[..., 1]: the smallest logit top-p keeps, from the kept logits in ascending order [..., n] (-inf allowed).
+    `extra` [..., 1]: how many more ids, each equal to ascending[..., :1], precede them (they count in the softmax
+    and the cumulative sum; the cutoff is then at least that value, so they stay or go with the comparison)."""
+    if extra is None:
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    else:  # softmax over the n values and the extra copies of the smallest, copies first
+        weights = (ascending - ascending[..., -1:]).exp()
+        before = extra * weights[..., :1]
+        cumulative = (weights.cumsum(dim=-1) + before) / (weights.sum(dim=-1, keepdim=True) + before)
+    removed = (cumulative <= 1 - top_p).sum(dim=-1, keepdim=True)
+    return ascending.gather(-1, removed.clamp_max(ascending.shape[-1] - 1))
 
 
 def per_sample_draws(shape: Sequence[int], generators: Sequence[torch.Generator], device=None,

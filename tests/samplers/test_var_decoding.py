@@ -110,6 +110,23 @@ def test_ties_at_the_top_p_cutoff_all_stay():
     assert torch.equal(torch.isinf(got), torch.tensor([[False, True, True, True]]))
 
 
+@pytest.mark.parametrize("top_p,kept", [(0.7, [True, True, False, False, False, False]),
+                                        (0.8, [True, True, True, True, True, False]),
+                                        (0.5, [True, False, False, False, False, False])])
+def test_ids_tied_with_the_kth_count_in_top_p(top_p, kept):
+    """Logits (3, 2, 1, 1, 1, 0), top-k 3: the k-th is 1, so all three 1s stay (VAR keeps every logit >= the k-th)
+    and top-p renormalises over five ids: e^1, e^2, e^3 of Z = 3e + e^2 + e^3, ascending cumulative 0.076, 0.153,
+    0.229 (the 1s), 0.436, 1. top-p 0.7 (remove <= 0.3) removes the three 1s; 0.8 (<= 0.2) would remove two of the
+    tied 1s, so all stay; 0.5 (<= 0.5) removes the 2 as well."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0]])
+    z = 3 * math.e + math.e ** 2 + math.e ** 3
+    assert round(3 * math.e / z, 3) == 0.229 and round((3 * math.e + math.e ** 2) / z, 3) == 0.436
+    got = filter_logits(logits, top_k=3, top_p=top_p)
+    assert torch.equal(~torch.isinf(got[0]), torch.tensor(kept))
+    # the same as top-k, then top-p over the whole sorted vocabulary
+    assert torch.equal(got, filter_logits(filter_logits(logits, top_k=3), top_p=top_p))
+
+
 def test_top_p_is_taken_after_top_k():
     # top-p over the probabilities renormalised on the top-k ids: top-k 3 of logits (4, 3, 2, 1, 0 x 12) leaves
     # probabilities (0.665, 0.245, 0.090), and top-p 0.9 removes the third (0.090 <= 0.1); on the full softmax
