@@ -10,7 +10,8 @@
    sizes named in the table, in the device's default precision: DiT-S/2 and LinearDiT-S/2 (Euler 10, cfg 1.5,
    latents only), VAR-d8 (KV cache, 10 scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
    shapes: BERT 12 x 512 over 128 tokens, 8 steps, cfg), and a KL-VAE decoder (SD-VAE's f8 architecture, 4 x
-   32 x 32 latents to 256 x 256) against diffusers' AutoencoderKL.decode, the same network eager. Compiled and
+   32 x 32 latents to 256 x 256; in float32, as `generate` decodes, and compiled as --compile compiles it:
+   `compile_decoder`) against diffusers' AutoencoderKL.decode, the same network eager. Compiled and
    eager outputs are compared (max |difference|; token families in fp32: the fraction of equal pixels, 1 when
    no draw flips; in bf16 the logits differ in their last bits and draws flip).
 Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; for
@@ -19,8 +20,9 @@ speed hit both alike).
 3. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
    the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
    timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
-   each compiled step or sampling batch spent in the ATen kernels compiling keeps: matmuls, and sort / topk /
-   random draws (eager time over their time bounds compiled / eager).
+   each compiled step or sampling batch spent in the ATen kernels compiling keeps: matmuls, and the others
+   (sort / topk / random draws, which inductor calls from ATen, and softmax and exact GELU, which genvis keeps
+   as ATen's because inductor's ran slower); eager time over their time bounds compiled / eager.
 """
 from __future__ import annotations
 
@@ -71,9 +73,11 @@ def timed_first_and_best(fn, repeats):
 # op is its wall time on the calling thread, which drives the intra-op threads.
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::mkldnn_convolution", "aten::convolution_overrideable"}
-# Kernels inductor does not generate but calls from ATen, compiled or not: sorting and per-generator random draws.
+# Kernels that run as ATen's, compiled or not: sorting and per-generator random draws (inductor calls them from
+# ATen), and softmax and exact GELU (layers.softmax_kernel, layers.gelu_kernel: genvis keeps ATen's, which beat
+# inductor's on the CPU).
 ATEN_ONLY_OPS = {"aten::sort", "aten::topk", "aten::uniform_", "aten::exponential_", "aten::multinomial",
-                 "aten::normal_", "aten::randn"}
+                 "aten::normal_", "aten::randn", "aten::_softmax", "aten::gelu"}
 torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels appear in the profile by name
 
 
@@ -277,7 +281,8 @@ def sampling_table(batch, repeats, device, quick):
     print()
     profiled = device == "cpu"
     print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |"
-          + (" compiled batch in matmuls | in sort / topk / draws | ceiling of compiled / eager |" if profiled else ""))
+          + (" compiled batch in matmuls | in other ATen kernels (sort, topk, draws, softmax, GELU) | ceiling of compiled / eager |"
+             if profiled else ""))
     print("|---|---|---|---|---|---|" + ("---|---|---|" if profiled else ""))
     rows = []
     for name, model, tokenizer, options, compare in family_models(quick):
@@ -301,21 +306,23 @@ def sampling_table(batch, repeats, device, quick):
             agree = "draws differ in bf16"
         row = dict(family=name, eager=batch / eager_s, compiled=batch / comp_s, compile_s=first, agreement=agree)
         line = f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |"
-        if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws) bound what it can save
-            wall, in_mm, in_aten, _ = profile_split(lambda: run(True))
-            row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten)
+        if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws, softmax, GELU) bound what it can save
+            wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
+            row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten,
+                       top_other=[dict(seconds=t, calls=c, kernel=k) for t, c, k in other])
             line += f" {100 * in_mm / wall:.0f}% | {100 * in_aten / wall:.0f}% | {eager_s / (in_mm + in_aten):.2f}x |"
         print(line)
         rows.append(row)
     print()
-    return dict(batch=batch, precision=precision, rows=rows, vae=vae_table(batch, repeats, device, precision, quick))
+    return dict(batch=batch, precision=precision, rows=rows, vae=vae_table(batch, repeats, device, quick))
 
 
-def vae_table(batch, repeats, device, precision, quick):
-    """A KL-VAE decoder: genvis's KLTokenizer.decode compiled vs diffusers' AutoencoderKL.decode (the same network)."""
+def vae_table(batch, repeats, device, quick):
+    """A KL-VAE decoder in float32, as `generate` decodes: genvis's KLTokenizer.decode through `compile_decoder`
+    (what --compile does) vs diffusers' AutoencoderKL.decode (the same network, eager), rounds interleaved."""
     from diffusers import AutoencoderKL
 
-    from genvis.precision import autocast as precision_autocast
+    from genvis.generate import compile_decoder
     from genvis.tokenizers.kl import KLTokenizer
 
     torch.manual_seed(0)
@@ -325,24 +332,27 @@ def vae_table(batch, repeats, device, precision, quick):
     tokenizer = KLTokenizer(vae)
     side = 8 if quick else 32
     z = torch.randn(batch, 4, side, side, device=device)
-    compiled = torch.compile(tokenizer.decode)
+    compiled = compile_decoder(tokenizer.decode, torch.device(device))
 
+    @torch.no_grad()
     def peer():
-        with torch.no_grad(), precision_autocast(torch.device(device), "no" if precision == "fp32" else precision):
-            return vae.decode(z / vae.config.scaling_factor).sample
+        return vae.decode(z / vae.config.scaling_factor).sample
 
+    @torch.no_grad()
     def ours():
-        with precision_autocast(torch.device(device), "no" if precision == "fp32" else precision):
-            return compiled(z)
+        return compiled(z)
 
-    _, peer_s, a = timed_first_and_best(peer, repeats)
-    first, ours_s, b = timed_first_and_best(ours, repeats)
+    t0 = time.perf_counter()
+    ours()  # compiles
+    first = time.perf_counter() - t0
+    times = best_times({"peer": peer, "ours": ours}, repeats)
+    diff = (peer() - ours()).abs().max().item()
     out = side * 2 ** (len(widths) - 1)
-    print(f"KL-VAE decoder ({'SD-VAE f8' if not quick else 'quick'}, 4 x {side} x {side} -> {out} x {out}), batch {batch}: "
-          f"diffusers AutoencoderKL.decode {batch / peer_s:.2f} img/s, genvis compiled decode {batch / ours_s:.2f} img/s "
-          f"({peer_s / ours_s:.2f}x; compile {first:.0f} s; max |diff| {(a.float() - b.float()).abs().max().item():.1e})")
+    print(f"KL-VAE decoder ({'SD-VAE f8' if not quick else 'quick'}, 4 x {side} x {side} -> {out} x {out}), batch {batch}, "
+          f"float32: diffusers AutoencoderKL.decode {batch / times['peer']:.2f} img/s, genvis compiled decode "
+          f"{batch / times['ours']:.2f} img/s ({times['peer'] / times['ours']:.2f}x; compile {first:.0f} s; max |diff| {diff:.1e})")
     print()
-    return dict(diffusers=batch / peer_s, compiled=batch / ours_s, compile_s=first)
+    return dict(precision="fp32", diffusers=batch / times["peer"], compiled=batch / times["ours"], compile_s=first)
 
 
 def main() -> None:

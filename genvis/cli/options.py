@@ -267,6 +267,6 @@ def add_precision_option(p, default: str = "auto", compile_flag: bool = False) -
                    help="network precision: auto = bf16 where the hardware runs it natively, else fp32")
     if compile_flag:
         p.add_argument("--compile", action="store_true",
-                       help="torch.compile (inductor) the network, and on GPUs the tokenizer's decoder: the first batch "
+                       help="torch.compile (inductor) the network and the tokenizer's decoder: the first batch "
                        "pays the compilation (tens of seconds on a CPU), later ones run the compiled code; results agree "
                        "with eager within the precision's tolerance")

@@ -1,7 +1,7 @@
 """`generate(..., compile=True)` / `genvis sample --compile`: every family's compiled sampling (torch.compile,
 inductor) gives the eager images, in float32, at tiny sizes: a latent DiT decoded by a KL tokenizer (the decoder
-is compiled on GPUs only: on the CPU inductor's convolutions lose to eager), VAR with its KV cache (token counts
-growing by scale) and MaskGIT. The linear-attention DiT takes the diffusion family's path, as DiT does;
+compiled too, with inductor's freezing on the CPU), VAR with its KV cache (token counts growing by scale) and
+MaskGIT. The linear-attention DiT takes the diffusion family's path, as DiT does;
 benchmarks/speed.py compares it. The first compile of a graph takes seconds on this CPU; inductor's on-disk cache
 makes repeats fast."""
 import math
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from genvis.generate import generate
+from genvis.generate import compile_decoder, generate
 from genvis.samplers.tokens import maskgit_pick, var_pick
 
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -91,3 +91,26 @@ def test_maskgit():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert model._compiled_call_impl is not None
     assert_draw_is_compiled("maskgit", model, tokenizer, maskgit_pick)
+
+
+def test_the_cpu_decoder_is_compiled_frozen():
+    """compile_decoder on the CPU compiles with inductor's freezing, which runs the convolutions on prepacked oneDNN
+    weights (mkldnn::_convolution_pointwise, an op only freezing emits; unfrozen, inductor calls aten's
+    convolution), and decodes what the eager decoder does."""
+    from torch.profiler import profile
+
+    from genvis.tokenizers.kl import KLConfig, KLTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = KLTokenizer.from_section(KLConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4,
+                                                  norm_num_groups=8), (1, 8, 8)).eval()
+    z = torch.randn(2, 4, 4, 4)
+    decode = compile_decoder(tokenizer.decode, torch.device("cpu"))
+    with torch.no_grad():
+        eager = tokenizer.decode(z)
+        decode(z)  # compiles
+        with profile() as prof:
+            compiled = decode(z)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+    kernels = {event.key for event in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in kernels and "aten::mkldnn_convolution" not in kernels
