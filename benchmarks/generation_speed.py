@@ -122,7 +122,7 @@ def titok_imagenet_rows(batch: int, dit_batch: int, device: str) -> None:
     print(flush=True)
 
 
-def digits_rows(num: int, device: str) -> None:
+def digits_rows(num: int, device: str, titok: bool = True) -> None:
     from genvis.config import load_config
     from genvis.evaluation.digits import digits_metrics
     from genvis.training.loop import train
@@ -139,7 +139,7 @@ def digits_rows(num: int, device: str) -> None:
             subprocess.run([sys.executable, "-m", "genvis", "tokenizer", "extract", "runs/digits-msvq", "--data",
                             "configs/digits/msvq.yaml", "--out", "runs/digits-msvq-ids"], check=True)
         fit("configs/digits/var.yaml", "runs/digits-var")
-    if not Path("runs/digits-maskgit/model/config.json").is_file():
+    if titok and not Path("runs/digits-maskgit/model/config.json").is_file():
         fit("configs/digits/titok.yaml", "runs/digits-titok")
         if not Path("runs/digits-titok-ids/latents.json").is_file():
             subprocess.run([sys.executable, "-m", "genvis", "tokenizer", "extract", "runs/digits-titok", "--data",
@@ -150,7 +150,7 @@ def digits_rows(num: int, device: str) -> None:
     for name, run, options in (("DiT-tiny/4, euler 50 steps, cfg 2 (the demo)", "runs/digits-dit", {}),
                                ("VAR-d4, KV cache (4 passes)", "runs/digits-var", {}),
                                ("VAR-d4, whole prefix at every scale", "runs/digits-var", {"kv_cache": False}),
-                               ("TiTok-32 + MaskGIT, 8 steps", "runs/digits-maskgit", {})):
+                               ("TiTok-32 + MaskGIT, 8 steps", "runs/digits-maskgit", {}))[: None if titok else 3]:
         model, tokenizer = load_model(run, device=device), load_tokenizer(run, device=device)
         cfg = load_config(str(Path(run) / "config.yaml"))
         sampling = dataclasses.replace(cfg.sample, **options)
@@ -178,14 +178,15 @@ def main() -> None:
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-imagenet", action="store_true")
     parser.add_argument("--skip-var", action="store_true", help="leave out the VAR-d16 KV-cache rows")
-    parser.add_argument("--skip-titok", action="store_true", help="leave out the TiTok + MaskGIT vs DiT-XL/2 rows")
+    parser.add_argument("--skip-titok", action="store_true", help="leave out the TiTok + MaskGIT rows (against DiT-XL/2 "
+                        "and on the digits)")
     args = parser.parse_args()
     if not args.skip_imagenet and not args.skip_var:
         imagenet_rows(args.imagenet_batch, args.device)
     if not args.skip_imagenet and not args.skip_titok:
         titok_imagenet_rows(args.imagenet_batch, args.dit_batch, args.device)
     if not args.skip_digits:
-        digits_rows(args.num, args.device)
+        digits_rows(args.num, args.device, titok=not args.skip_titok)
 
 
 if __name__ == "__main__":
