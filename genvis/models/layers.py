@@ -264,15 +264,8 @@ gelu_kernel.register_autograd(_gelu_backward, setup_context=_gelu_setup)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU, x Phi(x) (BERT's and CLIP's "gelu"): F.gelu, as `gelu_kernel` under torch.compile."""
+    """Exact GELU, x Phi(x) (BERT's "gelu"): F.gelu, as `gelu_kernel` under torch.compile."""
     return gelu_kernel(x) if torch.compiler.is_compiling() else F.gelu(x)
-
-
-class GELU(nn.Module):
-    """nn.GELU() through `gelu` (no parameters: state dicts are unchanged)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(x)
 
 
 class Mlp(nn.Module):

@@ -34,7 +34,6 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 
 from genvis.errors import ConfigError, GenvisError
-from genvis.models.layers import GELU
 from genvis.registry import TOKENIZERS
 from genvis.tokenizers.base import ModelTokenizer, TokenizerConfig
 from genvis.tokenizers.losses import kl_loss
@@ -73,7 +72,7 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = PackedAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", GELU()),
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()),
                                               ("c_proj", nn.Linear(hidden, width))]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
