@@ -85,8 +85,9 @@ def load_model_fields(options, device):
 def compile_decoder(decode: Callable, device: torch.device) -> Callable:
     """torch.compile a tokenizer's decode for sampling (no gradients). On the CPU with inductor's freezing: the
     weights become constants of the graph, so the convolutions run on prepacked oneDNN weights with their
-    activations fused; the SD-VAE f8 decoder in float32 (as `generate` decodes) ran 1.20x eager that way and 1.10x
-    unfrozen (benchmarks/speed.py). Freezing is inductor's global config read while compiling, which happens at
+    activations fused; the SD-VAE f8 decoder in float32 (as `generate` decodes) ran 1.15x eager that way in
+    benchmarks/speed.py (1.20x in a separate run, where unfrozen gave 1.10x). Freezing is inductor's global config,
+    read while compiling (torch.compile's `options` do not reach it), which happens at
     the first call and at any recompile, hence the patch around every call. The weights must not change after
     the first call."""
     import torch._inductor.config as inductor_config
