@@ -107,13 +107,13 @@ def attention_scaling(data: dict, out: Path) -> None:
 
 
 def throughput(data: dict, out: Path) -> None:
-    """Bars of benchmarks/speed.py: DiT-S/2 training and forward images/s per model and precision, and sampling
-    images/s per family, eager vs compiled."""
+    """Bars of benchmarks/speed.py: DiT-S/2 training and forward images/s per model and precision (with diffusers),
+    training step images/s per family, and sampling images/s per family, eager vs compiled, with the peers."""
     plt = _pyplot()
-    panels = 3 if "dit_training" in data else 1  # training step, forward; sampling
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), squeeze=False)
-    axes = list(axes[0])
-    if "dit_training" in data:
+    training = "dit_training" in data
+    fig, axes = plt.subplots(2 if training else 1, 2, figsize=(13, 9.6 if training else 4.8), squeeze=False)
+    axes = list(axes.flat)
+    if training:
         rows = data["dit_training"]["rows"]
         for ax, what in zip(axes[:2], ("train", "forward")):
             labels = [f"{r['model']}\n{r['precision']}" for r in rows]
@@ -125,21 +125,43 @@ def throughput(data: dict, out: Path) -> None:
             ax.set_xticks(range(len(rows)), labels, fontsize=7)
             ax.set(ylabel="images/s", title=f"DiT-S/2 {'training step' if what == 'train' else 'forward'}, batch "
                                             f"{data['dit_training']['batch']} (label: img/s, % of matmul peak)")
-        axes = axes[2:]
-    rows = data["sampling"]["rows"]
-    ax, width = axes[0], 0.38
-    xs = range(len(rows))
-    eager = ax.bar([x - width / 2 for x in xs], [r["eager"] for r in rows], width, color="tab:cyan", label="eager")
-    compiled = ax.bar([x + width / 2 for x in xs], [r["compiled"] for r in rows], width, color="tab:blue", label="compiled")
-    ax.bar_label(eager, [f"{r['eager']:.2f}" for r in rows], fontsize=7)
-    ax.bar_label(compiled, [f"{r['compiled']:.2f}\n{r['compiled'] / r['eager']:.2f}x" for r in rows], fontsize=7)
-    ax.set_xticks(list(xs), [r["family"].replace(", ", "\n") for r in rows], fontsize=7)
-    ax.set(ylabel="images/s", title=f"Sampling, batch {data['sampling']['batch']}, {data['sampling']['precision']}")
-    ax.legend(fontsize=8)
+        if "training" in data:
+            rows = data["training"]["rows"]
+            _eager_compiled(axes[2], rows, [f"{r['family']}\n{r['precision']}, batch {r['batch']}".replace(", ", "\n") for r in rows])
+            axes[2].set(title="Training step per family (label: compiled img/s, compiled / eager)")
+        axes = axes[3:] if "training" in data else axes[2:]
+    sampling = data["sampling"]
+    rows = sampling["rows"]
+    ax = axes[0]
+    _eager_compiled(ax, rows, [f"{r['family']}\n{r['precision']}".replace(", ", "\n") for r in rows])
+    peers = [(i, r["no_kv_cache"]) for i, r in enumerate(rows) if "no_kv_cache" in r]
+    if peers:
+        ax.scatter([i for i, _ in peers], [v for _, v in peers], marker="_", s=300, color="tab:red", zorder=3,
+                   label="VAR without KV cache (eager)")
+    if "dit_ddpm250" in sampling:
+        ax.axhline(sampling["dit_ddpm250"], color="tab:gray", ls="--", lw=1,
+                   label=f"DiT-S/2, 250 DDPM steps ({sampling['precision']}, eager)")
+    ax.legend(fontsize=7)
+    ax.set(title=f"Sampling, batch {sampling['batch']} (label: compiled img/s, compiled / eager)")
     for ax in fig.axes:
         ax.margins(y=0.2)
+        if not ax.has_data():  # --skip-train: one panel
+            ax.axis("off")
     fig.suptitle(f"benchmarks/speed.py on {data['device']}, {data['threads']} threads, torch {data['torch']}", fontsize=9)
     _save(fig, out)
+
+
+def _eager_compiled(ax, rows, labels) -> None:
+    """Side-by-side eager and compiled images/s bars of `rows` (dicts with eager, compiled), on a log axis."""
+    width = 0.38
+    xs = range(len(rows))
+    ax.bar([x - width / 2 for x in xs], [r["eager"] for r in rows], width, color="tab:cyan", label="eager")
+    compiled = ax.bar([x + width / 2 for x in xs], [r["compiled"] for r in rows], width, color="tab:blue", label="compiled")
+    ax.bar_label(compiled, [f"{r['compiled']:.2f}\n{r['compiled'] / r['eager']:.2f}x" for r in rows], fontsize=6)
+    ax.set_xticks(list(xs), labels, fontsize=6)
+    ax.set_yscale("log")
+    ax.set(ylabel="images/s (log)")
+    ax.legend(fontsize=7)
 
 
 def _finish_axes(ax, ticks, legend_outside: bool = False) -> None:

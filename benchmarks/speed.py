@@ -1,26 +1,33 @@
 """Speed of every family, eager vs compiled (torch.compile, inductor), against a peer measured in the same run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
-        [--quick] [--json speed.json]
+        [--precisions fp32,bf16] [--quick] [--json speed.json]
 
 1. DiT-S/2 training step and forward (32x32x4 latents, 1,000 classes, learned sigma; the models of
    benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
    bf16 (autocast); images/s and % of the matmul peak measured in this run (3 x forward FLOPs for a step).
-2. Sampling images/s per family, eager vs compiled (`generate(..., compile=True)`), random O(1) weights at the
-   sizes named in the table, in the device's default precision: DiT-S/2 and LinearDiT-S/2 (Euler 10, cfg 1.5,
-   latents only), VAR-d8 (KV cache, 10 scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
-   shapes: BERT 12 x 512 over 128 tokens, 8 steps, cfg), and a KL-VAE decoder (SD-VAE's f8 architecture, 4 x
-   32 x 32 latents to 256 x 256; in float32, as `generate` decodes, and compiled as --compile compiles it:
-   `compile_decoder`) against diffusers' AutoencoderKL.decode, the same network eager. Compiled and
-   eager outputs are compared (max |difference|; token families in fp32: the fraction of equal pixels, 1 when
-   no draw flips; in bf16 the logits differ in their last bits and draws flip).
-Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; for
-sampling, eager and compiled calls alternate, on two copies of the network, so that drifts in the machine's
-speed hit both alike).
-3. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
+2. Training step images/s per family, eager vs compiled in place as `train.compile=true` does, fp32 and bf16: the
+   models of the sampling table (LinearDiT-S/2 and MaskGIT at --batch, VAR-d8 at --batch / 4) on fixed random
+   inputs (a regression target for the diffusion transformers, cross-entropy over the ids for the token
+   families); % of the peak from 3 x each model's flops_per_image. DiT-S/2's rows are the first table's.
+3. Sampling images/s per family, eager vs compiled (`generate(..., compile=True)`), in each of --precisions,
+   random O(1) weights at the sizes named in the table: DiT-S/2 and LinearDiT-S/2 (Euler 10, cfg 1.5, latents
+   only), VAR-d8 (KV cache, 10 scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
+   shapes: BERT 12 x 512 over 128 tokens, 8 steps, cfg), the token families through a small tokenizer decoder.
+   Peers in the same run: DiT-S/2 as released sampled by DiT's recipe (250 DDPM steps, guidance; eager, default
+   precision), the baseline every family's compiled speed is divided by; VAR without its KV cache (the whole
+   prefix at every scale, eager); and a KL-VAE decoder (SD-VAE's f8 architecture, 4 x 32 x 32 latents to
+   256 x 256; in float32, as `generate` decodes, and compiled as --compile compiles it: `compile_decoder`)
+   against diffusers' AutoencoderKL.decode, the same network eager. Compiled and eager outputs are compared (max
+   |difference|; token families in fp32: the fraction of pixels within 1e-3, 1 when no draw flips; in bf16 the
+   logits differ in their last bits and draws flip).
+Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; eager
+and compiled calls alternate, on two copies of the network, so that drifts in the machine's speed hit both
+alike).
+4. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
    the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
    timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
-   each compiled step or sampling batch spent in the ATen kernels compiling keeps: matmuls, and the others
+   each compiled sampling batch spent in the ATen kernels compiling keeps: matmuls, and the others
    (sort / topk / random draws, which inductor calls from ATen, and softmax and exact GELU, which genvis keeps
    as ATen's because inductor's ran slower); eager time over their time bounds compiled / eager.
 """
@@ -42,6 +49,7 @@ from genvis.generate import generate  # noqa: E402
 from genvis.io import write_json_atomic  # noqa: E402
 from genvis.models.dit import DiT, dit_config  # noqa: E402
 from genvis.precision import resolve_precision  # noqa: E402
+from genvis.training.loop import compile_module  # noqa: E402
 
 
 def o1_weights(model, seed=0):
@@ -165,9 +173,6 @@ def dit_training_table(batch, repeats, device, peaks):
     torch.manual_seed(0)
     config = dit_config("S", 2, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
     genvis_model = o1_weights(DiT(**config))
-    compiled = DiT(**config)
-    compiled.load_state_dict(genvis_model.state_dict())
-    compiled.compile()
     peer = DiTTransformer2DModel(
         num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
         attention_bias=True, sample_size=32, patch_size=2, activation_fn="gelu-approximate",
@@ -175,12 +180,16 @@ def dit_training_table(batch, repeats, device, peaks):
     )
     flops = genvis_model.flops_per_image()
     calls = {"genvis eager": (genvis_model, lambda m, x, t, y: m(x, t, y)),
-             "genvis compiled": (compiled, lambda m, x, t, y: m(x, t, y)),
+             "genvis compiled": (None, lambda m, x, t, y: m(x, t, y)),  # compiled anew per precision
              "diffusers eager": (peer, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample)}
     rows, compile_times, profiles = {}, {}, {}
     for precision in ("fp32", "bf16"):
         fns = {}
         for name, (model, call) in calls.items():
+            if name.endswith("compiled"):  # as a run in this precision compiles it (a recompile ran slower)
+                torch._dynamo.reset()
+                model = copy.deepcopy(genvis_model)
+                compile_module(model, torch.device(device))
             forward, step = make_steps(model.to(device), call, batch, precision, device)
             if name.endswith("compiled"):  # the first calls compile; timed apart
                 t0 = time.perf_counter()
@@ -238,7 +247,95 @@ def dit_training_table(batch, repeats, device, peaks):
                       for (name, precision), r in rows.items()], profiles=profiles)
 
 
-# ----------------------------------------------------------------------------- 2. sampling per family
+# ----------------------------------------------------------------------------- 2. training per family
+
+def loss_step(model, loss_fn, precision, device):
+    """A training step as the loop runs it: loss_fn(model) under autocast, backward, default AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model.train()
+        with autocast(precision, device):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def family_losses(model, kind, tokenizer, batch, device):
+    """A loss closure on fixed random inputs for one family: the diffusion transformers regress a random target from
+    latents (as the DiT-S/2 table), VAR's cross-entropy over all scales' ids from the teacher-forcing input its
+    tokenizer builds, MaskGIT's cross-entropy with half of the ids masked."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    if kind == "diffusion":
+        x = torch.randn(batch, *model.sample_shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        with torch.no_grad():
+            target = torch.randn_like(model.eval()(x, t, labels).float())
+        return lambda m: torch.nn.functional.mse_loss(m(x, t, labels).float(), target)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, model.num_tokens), generator=g).to(device)
+    if kind == "var":
+        with torch.no_grad():
+            x = tokenizer.teacher_forcing_input(ids)
+        return lambda m: torch.nn.functional.cross_entropy(m(labels, x).flatten(0, 1).float(), ids.flatten())
+    masked = (torch.rand(ids.shape, generator=g) < 0.5).to(device)
+    inputs = torch.where(masked, model.mask_id, ids)
+    return lambda m: torch.nn.functional.cross_entropy(m(inputs, labels).flatten(0, 1).float(), ids.flatten())
+
+
+def family_training_table(batch, repeats, device, peaks, quick, dit_rows=None):
+    """Training step images/s per family (the models of the sampling table, fresh), eager vs compiled in place as
+    `train.compile=true` compiles (`compile_module`), fp32 and bf16 autocast, rounds interleaved; % of the
+    matmul peak from 3 x the model's flops_per_image (VAR's counts the block-causal attention it needs, though
+    training computes all L x L scores under the mask). Batches: `batch` for the diffusion transformers
+    and MaskGIT, batch / 4 for VAR-d8 (680 tokens per image). DiT-S/2's rows come from its own table (dit_rows)."""
+    rows = []
+    for (name, model, tokenizer, _, _), kind in zip(family_models(quick), ("diffusion", "diffusion", "var", "maskgit")):
+        if kind == "diffusion" and name.startswith("DiT") and dit_rows is not None:
+            continue  # measured against diffusers in the DiT-S/2 table
+        b = max(1, batch // 4) if kind == "var" else batch
+        model.to(device)
+        if tokenizer is not None:
+            tokenizer.to(device)
+        loss = family_losses(model, kind, tokenizer, b, device)
+        flops = 3 * model.flops_per_image()  # per image, forward + backward (as the DiT-S/2 table)
+        for precision in ("fp32", "bf16"):
+            torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
+            twin = copy.deepcopy(model)
+            compile_module(twin, torch.device(device))
+            steps = {"eager": loss_step(model, loss, precision, device), "compiled": loss_step(twin, loss, precision, device)}
+            t0 = time.perf_counter()
+            steps["compiled"]()  # compiles forward and backward
+            first = time.perf_counter() - t0
+            times = best_times(steps, repeats)
+            row = dict(family=name, batch=b, precision=precision, eager=b / times["eager"], compiled=b / times["compiled"],
+                       compile_s=first, gflop_per_image=flops / 1e9)
+            row.update(eager_peak=row["eager"] * flops / peaks[precision], compiled_peak=row["compiled"] * flops / peaks[precision])
+            rows.append(row)
+    if dit_rows is not None:  # DiT-S/2 first, from its table
+        found = {(r["model"], r["precision"]): r for r in dit_rows["rows"]}
+        rows = [dict(family="DiT-S/2", batch=dit_rows["batch"], precision=p, eager=found[("genvis eager", p)]["train"],
+                     compiled=found[("genvis compiled", p)]["train"], compile_s=dit_rows["compile_s"][f"{p} train"],
+                     gflop_per_image=3 * dit_rows["gflop_per_image"], eager_peak=found[("genvis eager", p)]["train_peak"],
+                     compiled_peak=found[("genvis compiled", p)]["train_peak"]) for p in ("fp32", "bf16")] + rows
+    print("## Training step images/s per family, eager vs compiled (train.compile=true)")
+    print()
+    print("| family | batch | precision | eager img/s | compiled img/s | compiled / eager | eager % peak | compiled % peak "
+          "| compile time (first step) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['family']} | {r['batch']} | {r['precision']} | {r['eager']:.2f} | {r['compiled']:.2f} | "
+              f"{r['compiled'] / r['eager']:.2f}x | {100 * r['eager_peak']:.0f}% | {100 * r['compiled_peak']:.0f}% | "
+              f"{r['compile_s']:.0f} s |")
+    print()
+    return dict(rows=rows)
+
+
+# ----------------------------------------------------------------------------- 3. sampling per family
 
 def family_models(quick):
     """(name, model, tokenizer or None, sampling options, what the output is compared as)."""
@@ -274,47 +371,81 @@ def family_models(quick):
              dict(steps=8, cfg=4.5, temperature=1.0), "equal ids")]
 
 
-def sampling_table(batch, repeats, device, quick):
-    precision = "bf16" if resolve_precision("auto", torch.device(device)) == "bf16" else "fp32"
+def dit_ddpm_baseline(batch, device, quick, precision):
+    """Images/s of DiT's own recipe, the baseline the token generators are compared with: DiT-S/2 (learned sigma,
+    linear schedule, as released) sampled by 250 DDPM steps with guidance 4 (DiT's sample.py), eager; one batch."""
+    torch.manual_seed(0)
+    size = dict(hidden_size=64, depth=2, num_heads=2) if quick else dict(hidden_size=384, depth=12, num_heads=6)
+    model = o1_weights(DiT(input_size=8 if quick else 32, patch_size=2, in_channels=4, num_classes=1000,
+                           learn_sigma=True, **size)).to(device)
     labels = torch.arange(batch) % 1000
-    print(f"## Sampling images/s, batch {batch}, precision {precision} (auto), {device}")
-    print()
+    t0 = time.perf_counter()
+    generate(model, None, labels, seed=0, sampler="ddpm", steps=250, cfg=4.0, precision=precision, batch_size=batch)
+    return batch / (time.perf_counter() - t0)
+
+
+def sampling_table(batch, repeats, device, quick, precisions):
+    auto = "bf16" if resolve_precision("auto", torch.device(device)) == "bf16" else "fp32"
+    labels = torch.arange(batch) % 1000
+    baseline = dit_ddpm_baseline(batch, device, quick, auto)
     profiled = device == "cpu"
-    print("| family | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement |"
-          + (" compiled batch in matmuls | in other ATen kernels (sort, topk, draws, softmax, GELU) | ceiling of compiled / eager |"
-             if profiled else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|---|" if profiled else ""))
     rows = []
     for name, model, tokenizer, options, compare in family_models(quick):
         model.to(device)
         decoder = tokenizer.to(device) if tokenizer is not None else None
-        twin = copy.deepcopy(model)  # generate(compile=True) compiles the network in place: keep one eager
-        run = lambda compile: generate(twin if compile else model, decoder, labels, seed=0,  # noqa: E731
-                                       precision=precision, compile=compile, batch_size=batch, **options)
-        t0 = time.perf_counter()
-        run(True)  # compiles
-        first = time.perf_counter() - t0
-        times = best_times({False: lambda: run(False), True: lambda: run(True)}, repeats)  # interleaved rounds
-        eager_s, comp_s = times[False], times[True]
-        eager, comp = run(False), run(True)
-        diff = (eager - comp).abs().max().item()
-        if compare == "max |diff|":
-            agree = f"max |diff| {diff:.1e}"
-        elif precision == "fp32":
-            agree = f"{(eager == comp).float().mean().item():.3f} equal pixels"
-        else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 by tests/samplers/test_compile.py
-            agree = "draws differ in bf16"
-        row = dict(family=name, eager=batch / eager_s, compiled=batch / comp_s, compile_s=first, agreement=agree)
-        line = f"| {name} | {batch / eager_s:.2f} | {batch / comp_s:.2f} | {eager_s / comp_s:.2f}x | {first:.0f} s | {agree} |"
-        if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws, softmax, GELU) bound what it can save
-            wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
-            row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten,
-                       top_other=[dict(seconds=t, calls=c, kernel=k) for t, c, k in other])
-            line += f" {100 * in_mm / wall:.0f}% | {100 * in_aten / wall:.0f}% | {eager_s / (in_mm + in_aten):.2f}x |"
-        print(line)
-        rows.append(row)
+        for precision in precisions:
+            torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
+            twin = copy.deepcopy(model)  # generate(compile=True) compiles the network in place: keep one eager
+
+            def run(compile, **extra):
+                return generate(twin if compile else model, decoder, labels, seed=0, precision=precision,
+                                compile=compile, batch_size=batch, **{**options, **extra})
+
+            t0 = time.perf_counter()
+            run(True)  # compiles
+            first = time.perf_counter() - t0
+            fns = {"eager": lambda: run(False), "compiled": lambda: run(True)}
+            if "top_k" in options:  # VAR's peer: the same draws without the KV cache (the whole prefix at every scale)
+                fns["no KV cache"] = lambda: run(False, kv_cache=False)
+            times = best_times(fns, repeats)  # interleaved rounds
+            eager, comp = run(False), run(True)
+            if compare == "max |diff|":
+                agree = f"max |diff| {(eager - comp).abs().max().item():.1e}"
+            elif precision == "fp32":  # the decoder's compiled kernels round differently; a flipped draw moves a patch
+                agree = f"{((eager - comp).abs() < 1e-3).float().mean().item():.3f} of pixels within 1e-3"
+            else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 (above, and tests)
+                agree = "draws differ in bf16"
+            row = dict(family=name, precision=precision, eager=batch / times["eager"], compiled=batch / times["compiled"],
+                       compile_s=first, agreement=agree)
+            if "no KV cache" in times:
+                row["no_kv_cache"] = batch / times["no KV cache"]
+            if precision == auto:
+                row["vs_dit_ddpm250"] = row["compiled"] / baseline
+            if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws, softmax, GELU) bound what it can save
+                wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
+                row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten,
+                           ceiling=times["eager"] / (in_mm + in_aten),
+                           top_other=[dict(seconds=t, calls=c, kernel=k) for t, c, k in other])
+            rows.append(row)
+    print(f"## Sampling images/s, batch {batch}, {device}; DiT-S/2 with 250 DDPM steps and guidance (DiT's sample.py, "
+          f"eager, {auto}): {baseline:.3f} img/s")
     print()
-    return dict(batch=batch, precision=precision, rows=rows, vae=vae_table(batch, repeats, device, quick))
+    print("| family | precision | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement "
+          f"| peer: VAR without KV cache, eager | compiled vs DiT-S/2 DDPM-250 ({auto}) |"
+          + (" compiled batch in matmuls | in other ATen kernels (sort, topk, draws, softmax, GELU) | ceiling of compiled / eager |"
+             if profiled else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if profiled else ""))
+    for r in rows:
+        line = (f"| {r['family']} | {r['precision']} | {r['eager']:.2f} | {r['compiled']:.2f} | {r['compiled'] / r['eager']:.2f}x "
+                f"| {r['compile_s']:.0f} s | {r['agreement']} | "
+                + (f"{r['no_kv_cache']:.2f} img/s ({r['compiled'] / r['no_kv_cache']:.2f}x)" if "no_kv_cache" in r else "")
+                + " | " + (f"{r['vs_dit_ddpm250']:.0f}x" if "vs_dit_ddpm250" in r else "") + " |")
+        if profiled:
+            line += (f" {100 * r['matmul_s'] / r['profiled_s']:.0f}% | {100 * r['aten_only_s'] / r['profiled_s']:.0f}% | "
+                     f"{r['ceiling']:.2f}x |")
+        print(line)
+    print()
+    return dict(batch=batch, precision=auto, dit_ddpm250=baseline, rows=rows, vae=vae_table(batch, repeats, device, quick))
 
 
 def vae_table(batch, repeats, device, quick):
@@ -362,6 +493,7 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--precisions", default="fp32,bf16", help="sampling precisions (comma-separated: fp32, bf16, fp16)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (benchmarks/plots.py throughput)")
     args = parser.parse_args()
@@ -376,7 +508,10 @@ def main() -> None:
                    peaks_gflops={k: v / 1e9 for k, v in peaks.items()})
     if not args.skip_train:
         results["dit_training"] = dit_training_table(args.batch, args.repeats, args.device, peaks)
-    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick)
+        results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick,
+                                                    results["dit_training"])
+    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick,
+                                         args.precisions.split(","))
     if args.json:
         write_json_atomic(args.json, results)
 

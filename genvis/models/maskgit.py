@@ -233,6 +233,15 @@ class MaskGIT(ModelMixin, ConfigMixin):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs per image (2 x MACs), as DiT's and VAR's: the N + 1 tokens (class first) through
+        each layer's query, key, value, output and two MLP linears and the attention over all N + 1, then lm_head
+        on the N image tokens."""
+        c = self.config
+        tokens, width = c.num_tokens + 1, c.hidden_size
+        layer = 2 * tokens * (4 * width * width + 2 * width * c.intermediate_size) + 2 * 2 * tokens * tokens * width
+        return float(c.depth * layer + 2 * c.num_tokens * width * c.vocab_size)
+
     def no_weight_decay(self) -> list:
         """Parameters usually trained without weight decay (BERT convention): biases, LayerNorm weights, embeddings."""
         return [n for n, p in self.named_parameters() if p.ndim <= 1 or "embeddings" in n]

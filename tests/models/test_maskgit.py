@@ -161,6 +161,22 @@ def test_vocabulary_of_classes_mask_and_null(model):
     torch.testing.assert_close(m(unmasked, labels), before_u, rtol=0, atol=0)
 
 
+def test_flops_per_image_counts_every_matmul(model):
+    """flops_per_image against torch's FlopCounterMode over a forward with the math attention (batched matmuls,
+    which the counter sees), and against the sizes written out: 2 x (layers x (N + 1) x (4 C^2 + 2 C F) + attention
+    + N C V)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids, labels = inputs(b=2)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, labels)
+    tokens = N + 1
+    by_hand = 2 * (DEPTH * (tokens * (4 * HIDDEN**2 + 2 * HIDDEN * FFN) + 2 * tokens**2 * HIDDEN) + N * HIDDEN * V)
+    assert model.flops_per_image() == by_hand
+    assert counter.get_total_flops() == 2 * by_hand
+
+
 def test_bert_init():
     torch.manual_seed(0)
     m = MaskGIT(**{**TINY, "hidden_size": 64, "intermediate_size": 256})
