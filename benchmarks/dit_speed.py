@@ -46,23 +46,28 @@ def make_steps(model, call, batch: int, precision: str, device: str = "cpu"):
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     target = torch.randn(batch, 8, 32, 32, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def forward():
         model.eval()
         with torch.no_grad(), autocast(precision, device):
             call(model, x, t, y)
 
-    def train_step():
+    return forward, loss_step(model, lambda m: F.mse_loss(call(m, x, t, y).float(), target), precision, device)
+
+
+def loss_step(model, loss_fn, precision: str, device: str = "cpu"):
+    """A training step as the loop runs it: loss_fn(model) under autocast, backward, a default AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
         model.train()
         with autocast(precision, device):
-            out = call(model, x, t, y)
-        loss = F.mse_loss(out.float(), target)
+            loss = loss_fn(model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return forward, train_step
+    return step
 
 
 def best_times(fns: dict, repeats: int) -> dict:

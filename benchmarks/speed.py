@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_speed import autocast, best_times, make_steps, matmul_peak  # noqa: E402  (one benchmark's helpers)
+from dit_speed import autocast, best_times, loss_step, make_steps, matmul_peak  # noqa: E402  (one benchmark's helpers)
 
 from genvis.generate import generate  # noqa: E402
 from genvis.io import write_json_atomic  # noqa: E402
@@ -249,21 +249,6 @@ def dit_training_table(batch, repeats, device, peaks):
 
 # ----------------------------------------------------------------------------- 2. training per family
 
-def loss_step(model, loss_fn, precision, device):
-    """A training step as the loop runs it: loss_fn(model) under autocast, backward, default AdamW step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        model.train()
-        with autocast(precision, device):
-            loss = loss_fn(model)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def family_losses(model, kind, tokenizer, batch, device):
     """A loss closure on fixed random inputs for one family: the diffusion transformers regress a random target from
     latents (as the DiT-S/2 table), VAR's cross-entropy over all scales' ids from the teacher-forcing input its
@@ -273,8 +258,7 @@ def family_losses(model, kind, tokenizer, batch, device):
     if kind == "diffusion":
         x = torch.randn(batch, *model.sample_shape, generator=g).to(device)
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        with torch.no_grad():
-            target = torch.randn_like(model.eval()(x, t, labels).float())
+        target = torch.randn(batch, model.out_channels, *model.sample_shape[1:], generator=g).to(device)
         return lambda m: torch.nn.functional.mse_loss(m(x, t, labels).float(), target)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, model.num_tokens), generator=g).to(device)
