@@ -23,13 +23,16 @@
    logits differ in their last bits and draws flip).
 Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; eager
 and compiled calls alternate, on two copies of the network, so that drifts in the machine's speed hit both
-alike).
+alike). Each table, and each family in the training and sampling tables, is measured in a fresh process
+(`fresh_process`), as a `genvis train` or `genvis sample` run starts.
 4. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
    the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
    timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
    each compiled sampling batch spent in the ATen kernels compiling keeps: matmuls, and the others
    (sort / topk / random draws, which inductor calls from ATen, and softmax and exact GELU, which genvis keeps
-   as ATen's because inductor's ran slower); eager time over their time bounds compiled / eager.
+   as ATen's because inductor's ran slower). Those kernels, each replayed alone at its best with the batch's
+   shapes (`kernel_floor`), are a floor under the compiled batch; eager time over the floor bounds compiled /
+   eager.
 """
 from __future__ import annotations
 
@@ -62,6 +65,28 @@ def o1_weights(model, seed=0):
             elif "norm" not in name.lower():
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawn); its result (JSON-able) is returned. Every measurement starts from
+    the state a `genvis train` or `genvis sample` run starts from: in one long process the heap's state moved the
+    ratios (the eager MaskGIT bf16 step took 2.7 s there, 3.6-4.3 s in fresh processes)."""
+    import json
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        child = multiprocessing.get_context("spawn").Process(target=_write_result, args=(out, fn, args))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"{fn.__name__}{args}: the measuring process exited with code {child.exitcode}")
+        return json.loads(out.read_text())
+
+
+def _write_result(path, fn, args):
+    write_json_atomic(path, fn(*args))
 
 
 def timed_first_and_best(fn, repeats):
@@ -103,6 +128,69 @@ def profile_split(fn, top=0):
                     if e.key not in MATMUL_OPS | ATEN_ONLY_OPS), reverse=True)
     return (wall, sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6,
             sum(e.self_cpu_time_total for e in events if e.key in ATEN_ONLY_OPS) / 1e6, other[:top])
+
+
+_PROFILER_DTYPES = {"c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16, "float": torch.float32,
+                    "double": torch.float64, "long int": torch.int64, "int": torch.int32, "bool": torch.bool,
+                    "unsigned char": torch.uint8}
+
+
+def _replay(event):
+    """A closure that calls the ATen op of a profiler event (recorded with its shapes) on fresh random tensors of the
+    recorded shapes, strides and dtypes and the recorded scalars (defaults where none was recorded), or None when no
+    overload of the op accepts them."""
+    packet = getattr(torch.ops.aten, event.name.split("::", 1)[1])
+    recorded = list(zip(event.input_shapes, event.input_dtypes, event.structured_input_strides, event.concrete_inputs))
+    for overload in packet.overloads():
+        op = getattr(packet, overload)
+        if len(op._schema.arguments) != len(recorded):
+            continue
+        args, kwargs = [], {}
+        for arg, (shape, dtype, stride, value) in zip(op._schema.arguments, recorded):
+            if dtype in _PROFILER_DTYPES:
+                v = torch.empty_strided(shape, stride, dtype=_PROFILER_DTYPES[dtype])
+                v.copy_(torch.randn(shape) if v.is_floating_point() else torch.randint(0, 2, shape))
+            else:  # a scalar, or an argument the profiler does not record (a generator, a string): its default
+                v = value if value not in (None, "") else (arg.default_value if arg.has_default_value() else None)
+            (kwargs.__setitem__(arg.name, v) if arg.kwarg_only else args.append(v))
+        try:
+            op(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        return lambda: op(*args, **kwargs)
+    return None
+
+
+def kernel_floor(fn, repeats):
+    """Seconds of the ATen kernels one call of fn runs that compiling leaves to ATen (MATMUL_OPS, ATEN_ONLY_OPS),
+    each replayed alone (`_replay`: same shapes, strides, dtypes and scalars) at its best of `repeats`, times its
+    number of calls: no implementation that calls these kernels takes less. CPU only. Returns (seconds, calls not
+    replayed, [(seconds, calls, op, input shapes)] largest first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kept = MATMUL_OPS | ATEN_ONLY_OPS
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    calls, example = {}, {}
+    for e in prof.events():
+        parent = e.cpu_parent
+        while parent is not None and parent.name not in kept:
+            parent = parent.cpu_parent
+        if e.name not in kept or parent is not None:  # a kept op inside another is timed with it
+            continue
+        key = (e.name, str(e.input_shapes), str(e.input_dtypes), str(e.structured_input_strides), str(e.concrete_inputs))
+        calls[key] = calls.get(key, 0) + 1
+        example.setdefault(key, e)
+    seconds, missed, parts = 0.0, 0, []
+    for key, count in calls.items():
+        replay = _replay(example[key])
+        if replay is None:
+            missed += count
+            continue
+        best = timed_first_and_best(replay, repeats)[1]
+        seconds += count * best
+        parts.append((count * best, count, key[0], key[1]))
+    return seconds, missed, sorted(parts, reverse=True)
 
 
 def dit_matmul_floor(batch, precision, repeats, device="cpu"):
@@ -271,35 +359,48 @@ def family_losses(model, kind, tokenizer, batch, device):
     return lambda m: torch.nn.functional.cross_entropy(m(inputs, labels).flatten(0, 1).float(), ids.flatten())
 
 
-def family_training_table(batch, repeats, device, peaks, quick, dit_rows=None):
-    """Training step images/s per family (the models of the sampling table, fresh), eager vs compiled in place as
-    `train.compile=true` compiles (`compile_module`), fp32 and bf16 autocast, rounds interleaved; % of the
-    matmul peak from 3 x the model's flops_per_image (VAR's counts the block-causal attention it needs, though
-    training computes all L x L scores under the mask). Batches: `batch` for the diffusion transformers
-    and MaskGIT, batch / 4 for VAR-d8 (680 tokens per image). DiT-S/2's rows come from its own table (dit_rows)."""
+FAMILY_KINDS = ("diffusion", "diffusion", "var", "maskgit")  # of family_models' entries, in order
+
+
+def family_training_rows(index, batch, repeats, device, peaks, quick):
+    """The training table's rows (fp32, bf16) of family_models' entry `index`: eager vs compiled in place as
+    `train.compile=true` compiles (`compile_module`), rounds interleaved."""
+    name, model, tokenizer, _, _ = family_models(quick)[index]
+    kind = FAMILY_KINDS[index]
+    b = max(1, batch // 4) if kind == "var" else batch
+    model.to(device)
+    if tokenizer is not None:
+        tokenizer.to(device)
+    loss = family_losses(model, kind, tokenizer, b, device)
+    flops = 3 * model.flops_per_image()  # per image, forward + backward (as the DiT-S/2 table)
     rows = []
-    for (name, model, tokenizer, _, _), kind in zip(family_models(quick), ("diffusion", "diffusion", "var", "maskgit")):
-        if kind == "diffusion" and name.startswith("DiT") and dit_rows is not None:
-            continue  # measured against diffusers in the DiT-S/2 table
-        b = max(1, batch // 4) if kind == "var" else batch
-        model.to(device)
-        if tokenizer is not None:
-            tokenizer.to(device)
-        loss = family_losses(model, kind, tokenizer, b, device)
-        flops = 3 * model.flops_per_image()  # per image, forward + backward (as the DiT-S/2 table)
-        for precision in ("fp32", "bf16"):
-            torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
-            twin = copy.deepcopy(model)
-            compile_module(twin, torch.device(device))
-            steps = {"eager": loss_step(model, loss, precision, device), "compiled": loss_step(twin, loss, precision, device)}
-            t0 = time.perf_counter()
-            steps["compiled"]()  # compiles forward and backward
-            first = time.perf_counter() - t0
-            times = best_times(steps, repeats)
-            row = dict(family=name, batch=b, precision=precision, eager=b / times["eager"], compiled=b / times["compiled"],
-                       compile_s=first, gflop_per_image=flops / 1e9)
-            row.update(eager_peak=row["eager"] * flops / peaks[precision], compiled_peak=row["compiled"] * flops / peaks[precision])
-            rows.append(row)
+    for precision in ("fp32", "bf16"):
+        torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
+        twin = copy.deepcopy(model)
+        compile_module(twin, torch.device(device))
+        steps = {"eager": loss_step(model, loss, precision, device), "compiled": loss_step(twin, loss, precision, device)}
+        t0 = time.perf_counter()
+        steps["compiled"]()  # compiles forward and backward
+        first = time.perf_counter() - t0
+        times = best_times(steps, repeats)
+        row = dict(family=name, batch=b, precision=precision, eager=b / times["eager"], compiled=b / times["compiled"],
+                   compile_s=first, gflop_per_image=flops / 1e9)
+        row.update(eager_peak=row["eager"] * flops / peaks[precision], compiled_peak=row["compiled"] * flops / peaks[precision])
+        rows.append(row)
+    return rows
+
+
+def family_training_table(batch, repeats, device, peaks, quick, dit_rows=None):
+    """Training step images/s per family (the models of the sampling table, each family in a fresh process:
+    `family_training_rows`), fp32 and bf16 autocast; % of the matmul peak from 3 x the model's flops_per_image
+    (VAR's counts the block-causal attention it needs, though training computes all L x L scores under the mask).
+    Batches: `batch` for the diffusion transformers and MaskGIT, batch / 4 for VAR-d8 (680 tokens per image).
+    DiT-S/2's rows come from its own table (dit_rows)."""
+    rows = []
+    for index in range(len(FAMILY_KINDS)):
+        if index == 0 and dit_rows is not None:
+            continue  # DiT-S/2: measured against diffusers in its own table
+        rows += fresh_process(family_training_rows, index, batch, repeats, device, peaks, quick)
     if dit_rows is not None:  # DiT-S/2 first, from its table
         found = {(r["model"], r["precision"]): r for r in dit_rows["rows"]}
         rows = [dict(family="DiT-S/2", batch=dit_rows["batch"], precision=p, eager=found[("genvis eager", p)]["train"],
@@ -368,57 +469,70 @@ def dit_ddpm_baseline(batch, device, quick, precision):
     return batch / (time.perf_counter() - t0)
 
 
-def sampling_table(batch, repeats, device, quick, precisions):
-    auto = "bf16" if resolve_precision("auto", torch.device(device)) == "bf16" else "fp32"
+def sampling_rows(index, batch, repeats, device, quick, precisions, auto, baseline):
+    """The sampling table's rows (one per precision) of family_models' entry `index`."""
     labels = torch.arange(batch) % 1000
-    baseline = dit_ddpm_baseline(batch, device, quick, auto)
+    profiled = device == "cpu"
+    name, model, tokenizer, options, compare = family_models(quick)[index]
+    model.to(device)
+    decoder = tokenizer.to(device) if tokenizer is not None else None
+    rows = []
+    for precision in precisions:
+        torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
+        twin = copy.deepcopy(model)  # generate(compile=True) compiles the network in place: keep one eager
+
+        def run(compile, **extra):
+            return generate(twin if compile else model, decoder, labels, seed=0, precision=precision,
+                            compile=compile, batch_size=batch, **{**options, **extra})
+
+        t0 = time.perf_counter()
+        run(True)  # compiles
+        first = time.perf_counter() - t0
+        fns = {"eager": lambda: run(False), "compiled": lambda: run(True)}
+        if "top_k" in options:  # VAR's peer: the same draws without the KV cache (the whole prefix at every scale)
+            fns["no KV cache"] = lambda: run(False, kv_cache=False)
+        times = best_times(fns, repeats)  # interleaved rounds
+        eager, comp = run(False), run(True)
+        if compare == "max |diff|":
+            agree = f"max |diff| {(eager - comp).abs().max().item():.1e}"
+        elif precision == "fp32":  # the decoder's compiled kernels round differently; a flipped draw moves a patch
+            agree = f"{((eager - comp).abs() < 1e-3).float().mean().item():.3f} of pixels within 1e-3"
+        else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 (above, and tests)
+            agree = "draws differ in bf16"
+        row = dict(family=name, precision=precision, eager=batch / times["eager"], compiled=batch / times["compiled"],
+                   compile_s=first, agreement=agree)
+        if "no KV cache" in times:
+            row["no_kv_cache"] = batch / times["no KV cache"]
+        if precision == auto:
+            row["vs_dit_ddpm250"] = row["compiled"] / baseline
+        if profiled:  # the kernels compiling leaves to ATen (matmuls, sorts, draws, softmax, GELU) bound what it saves
+            wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
+            floor, missed, parts = kernel_floor(lambda: run(True), max(repeats, 3))
+            row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten, floor_s=floor, floor_missed_calls=missed,
+                       compiled_s=times["compiled"], eager_s=times["eager"], ceiling=times["eager"] / floor,
+                       floor_top=[dict(seconds=t, calls=c, kernel=k, shapes=sh) for t, c, k, sh in parts[:8]],
+                       top_other=[dict(seconds=t, calls=c, kernel=k) for t, c, k in other])
+        rows.append(row)
+    return rows
+
+
+def sampling_table(batch, repeats, device, quick, precisions):
+    """Sampling images/s per family (each family in a fresh process: `sampling_rows`), the DiT DDPM-250 baseline and
+    the KL decoder against diffusers (each in a fresh process too)."""
+    auto = "bf16" if resolve_precision("auto", torch.device(device)) == "bf16" else "fp32"
+    baseline = fresh_process(dit_ddpm_baseline, batch, device, quick, auto)
     profiled = device == "cpu"
     rows = []
-    for name, model, tokenizer, options, compare in family_models(quick):
-        model.to(device)
-        decoder = tokenizer.to(device) if tokenizer is not None else None
-        for precision in precisions:
-            torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
-            twin = copy.deepcopy(model)  # generate(compile=True) compiles the network in place: keep one eager
-
-            def run(compile, **extra):
-                return generate(twin if compile else model, decoder, labels, seed=0, precision=precision,
-                                compile=compile, batch_size=batch, **{**options, **extra})
-
-            t0 = time.perf_counter()
-            run(True)  # compiles
-            first = time.perf_counter() - t0
-            fns = {"eager": lambda: run(False), "compiled": lambda: run(True)}
-            if "top_k" in options:  # VAR's peer: the same draws without the KV cache (the whole prefix at every scale)
-                fns["no KV cache"] = lambda: run(False, kv_cache=False)
-            times = best_times(fns, repeats)  # interleaved rounds
-            eager, comp = run(False), run(True)
-            if compare == "max |diff|":
-                agree = f"max |diff| {(eager - comp).abs().max().item():.1e}"
-            elif precision == "fp32":  # the decoder's compiled kernels round differently; a flipped draw moves a patch
-                agree = f"{((eager - comp).abs() < 1e-3).float().mean().item():.3f} of pixels within 1e-3"
-            else:  # bf16 logits differ in the last bits, so some draws flip: compared in fp32 (above, and tests)
-                agree = "draws differ in bf16"
-            row = dict(family=name, precision=precision, eager=batch / times["eager"], compiled=batch / times["compiled"],
-                       compile_s=first, agreement=agree)
-            if "no KV cache" in times:
-                row["no_kv_cache"] = batch / times["no KV cache"]
-            if precision == auto:
-                row["vs_dit_ddpm250"] = row["compiled"] / baseline
-            if profiled:  # the ATen kernels compiling keeps (matmuls, sorts, draws, softmax, GELU) bound what it can save
-                wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
-                row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten,
-                           ceiling=times["eager"] / (in_mm + in_aten),
-                           top_other=[dict(seconds=t, calls=c, kernel=k) for t, c, k in other])
-            rows.append(row)
+    for index in range(len(FAMILY_KINDS)):
+        rows += fresh_process(sampling_rows, index, batch, repeats, device, quick, precisions, auto, baseline)
     print(f"## Sampling images/s, batch {batch}, {device}; DiT-S/2 with 250 DDPM steps and guidance (DiT's sample.py, "
           f"eager, {auto}): {baseline:.3f} img/s")
     print()
     print("| family | precision | eager img/s | compiled img/s | compiled / eager | compile time (first batch) | agreement "
           f"| peer: VAR without KV cache, eager | compiled vs DiT-S/2 DDPM-250 ({auto}) |"
-          + (" compiled batch in matmuls | in other ATen kernels (sort, topk, draws, softmax, GELU) | ceiling of compiled / eager |"
-             if profiled else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if profiled else ""))
+          + (" compiled batch in matmuls | in other ATen kernels (sort, topk, draws, softmax, GELU) | floor: those "
+             "kernels replayed alone | ceiling of compiled / eager (eager / floor) |" if profiled else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if profiled else ""))
     for r in rows:
         line = (f"| {r['family']} | {r['precision']} | {r['eager']:.2f} | {r['compiled']:.2f} | {r['compiled'] / r['eager']:.2f}x "
                 f"| {r['compile_s']:.0f} s | {r['agreement']} | "
@@ -426,10 +540,18 @@ def sampling_table(batch, repeats, device, quick, precisions):
                 + " | " + (f"{r['vs_dit_ddpm250']:.0f}x" if "vs_dit_ddpm250" in r else "") + " |")
         if profiled:
             line += (f" {100 * r['matmul_s'] / r['profiled_s']:.0f}% | {100 * r['aten_only_s'] / r['profiled_s']:.0f}% | "
-                     f"{r['ceiling']:.2f}x |")
+                     f"{r['floor_s']:.2f} s (compiled {r['compiled_s']:.2f}, eager {r['eager_s']:.2f}"
+                     + (f"; {r['floor_missed_calls']} calls not replayed" if r["floor_missed_calls"] else "")
+                     + f") | {r['ceiling']:.2f}x |")
         print(line)
     print()
-    return dict(batch=batch, precision=auto, dit_ddpm250=baseline, rows=rows, vae=vae_table(batch, repeats, device, quick))
+    if profiled:
+        for r in rows:
+            print(f"{r['family']}, {r['precision']}: the floor's largest kernels: "
+                  + "; ".join(f"{k['kernel']} {k['shapes']} x {k['calls']}: {1e3 * k['seconds']:.0f} ms" for k in r["floor_top"][:4]))
+        print()
+    return dict(batch=batch, precision=auto, dit_ddpm250=baseline, rows=rows,
+                vae=fresh_process(vae_table, batch, repeats, device, quick))
 
 
 def vae_table(batch, repeats, device, quick):
@@ -491,7 +613,7 @@ def main() -> None:
     results = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
                    peaks_gflops={k: v / 1e9 for k, v in peaks.items()})
     if not args.skip_train:
-        results["dit_training"] = dit_training_table(args.batch, args.repeats, args.device, peaks)
+        results["dit_training"] = fresh_process(dit_training_table, args.batch, args.repeats, args.device, peaks)
         results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick,
                                                     results["dit_training"])
     results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick,
