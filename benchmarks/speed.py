@@ -69,8 +69,8 @@ def o1_weights(model, seed=0):
 
 def fresh_process(fn, *args):
     """fn(*args) in a new Python process (spawn); its result (JSON-able) is returned. Every measurement starts from
-    the state a `genvis train` or `genvis sample` run starts from: in one long process the heap's state moved the
-    ratios (the eager MaskGIT bf16 step took 2.7 s there, 3.6-4.3 s in fresh processes)."""
+    the state a `genvis train` or `genvis sample` run starts from: no earlier table's heap, compiled code or dynamo
+    caches carry into it."""
     import json
     import multiprocessing
     import tempfile
