@@ -534,8 +534,9 @@ def sampling_table(batch, repeats, device, quick, precisions):
              "kernels replayed alone | ceiling of compiled / eager (eager / floor) |" if profiled else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if profiled else ""))
     for r in rows:
+        agreement = r["agreement"].replace("|", "\\|")  # "max |diff|" inside a markdown cell
         line = (f"| {r['family']} | {r['precision']} | {r['eager']:.2f} | {r['compiled']:.2f} | {r['compiled'] / r['eager']:.2f}x "
-                f"| {r['compile_s']:.0f} s | {r['agreement']} | "
+                f"| {r['compile_s']:.0f} s | {agreement} | "
                 + (f"{r['no_kv_cache']:.2f} img/s ({r['compiled'] / r['no_kv_cache']:.2f}x)" if "no_kv_cache" in r else "")
                 + " | " + (f"{r['vs_dit_ddpm250']:.0f}x" if "vs_dit_ddpm250" in r else "") + " |")
         if profiled:
