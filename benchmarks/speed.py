@@ -114,12 +114,13 @@ ATEN_ONLY_OPS = {"aten::sort", "aten::topk", "aten::uniform_", "aten::exponentia
 torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's CPU kernels appear in the profile by name
 
 
-def profile_split(fn, top=0):
+def profile_split(fn, top=0, record_shapes=False):
     """One call of fn under torch.profiler (CPU): (wall seconds, seconds in MATMUL_OPS, seconds in ATEN_ONLY_OPS,
-    [(seconds, calls, name)] of the `top` other ops by self time)."""
+    [(seconds, calls, name)] of the `top` other ops by self time, the profiler's events). record_shapes: record
+    each op's inputs too (for `kernel_floor`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=record_shapes) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
@@ -127,7 +128,7 @@ def profile_split(fn, top=0):
     other = sorted(((e.self_cpu_time_total / 1e6, e.count, e.key) for e in events
                     if e.key not in MATMUL_OPS | ATEN_ONLY_OPS), reverse=True)
     return (wall, sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6,
-            sum(e.self_cpu_time_total for e in events if e.key in ATEN_ONLY_OPS) / 1e6, other[:top])
+            sum(e.self_cpu_time_total for e in events if e.key in ATEN_ONLY_OPS) / 1e6, other[:top], prof.events())
 
 
 _PROFILER_DTYPES = {"c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16, "float": torch.float32,
@@ -161,18 +162,15 @@ def _replay(event):
     return None
 
 
-def kernel_floor(fn, repeats):
-    """Seconds of the ATen kernels one call of fn runs that compiling leaves to ATen (MATMUL_OPS, ATEN_ONLY_OPS),
-    each replayed alone (`_replay`: same shapes, strides, dtypes and scalars) at its best of `repeats`, times its
-    number of calls: no implementation that calls these kernels takes less. CPU only. Returns (seconds, calls not
-    replayed, [(seconds, calls, op, input shapes)] largest first)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def kernel_floor(events, repeats):
+    """Seconds of the ATen kernels a profiled call ran (`events`: profile_split's, recorded with record_shapes) that
+    compiling leaves to ATen (MATMUL_OPS, ATEN_ONLY_OPS), each replayed alone (`_replay`: same shapes, strides,
+    dtypes and scalars) at its best of `repeats`, times its number of calls: no implementation that calls these
+    kernels takes less. CPU only. Returns (seconds, calls not replayed, [(seconds, calls, op, input shapes)]
+    largest first)."""
     kept = MATMUL_OPS | ATEN_ONLY_OPS
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
     calls, example = {}, {}
-    for e in prof.events():
+    for e in events:
         parent = e.cpu_parent
         while parent is not None and parent.name not in kept:
             parent = parent.cpu_parent
@@ -293,7 +291,7 @@ def dit_training_table(batch, repeats, device, peaks):
             rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
         if device == "cpu":
             floor_s, floor_flops = dit_matmul_floor(batch, precision, 5)
-            wall, in_mm, _, other = profile_split(fns[("genvis compiled", "train")], top=8)
+            wall, in_mm, _, other, _ = profile_split(fns[("genvis compiled", "train")], top=8)
             profiles[precision] = dict(floor_s=floor_s, floor_gflops=floor_flops / floor_s / 1e9, step_s=wall,
                                        step_matmul_s=in_mm, diffusers_step_s=times[("diffusers eager", "train")],
                                        step_top_other=[dict(seconds=t, calls=n, kernel=k) for t, n, k in other])
@@ -506,8 +504,8 @@ def sampling_rows(index, batch, repeats, device, quick, precisions, auto, baseli
         if precision == auto:
             row["vs_dit_ddpm250"] = row["compiled"] / baseline
         if profiled:  # the kernels compiling leaves to ATen (matmuls, sorts, draws, softmax, GELU) bound what it saves
-            wall, in_mm, in_aten, other = profile_split(lambda: run(True), top=8)
-            floor, missed, parts = kernel_floor(lambda: run(True), max(repeats, 3))
+            wall, in_mm, in_aten, other, events = profile_split(lambda: run(True), top=8, record_shapes=True)
+            floor, missed, parts = kernel_floor(events, max(repeats, 3))
             row.update(profiled_s=wall, matmul_s=in_mm, aten_only_s=in_aten, floor_s=floor, floor_missed_calls=missed,
                        compiled_s=times["compiled"], eager_s=times["eager"], ceiling=times["eager"] / floor,
                        floor_top=[dict(seconds=t, calls=c, kernel=k, shapes=sh) for t, c, k, sh in parts[:8]],
