@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from genvis.models.gla import (
+    FACTOR_SPAN,
     GatedLinearAttention,
+    _block_plan,
     bidirectional_gla,
     decay_gate_bias,
     gla_chunkwise,
@@ -89,6 +91,52 @@ def test_bidirectional_equals_forward_plus_flipped_backward_closed_form():
     qd, kd, vd, gd = (t[0, 0].double() for t in (q, k, v, g))
     bwd_i = sum((qd[i] * gd[i:j].sum(0).exp() * kd[j]).sum() * vd[j] for j in range(i, 40))
     assert torch.allclose(bwd[0, 0, i], bwd_i, rtol=1e-9, atol=1e-9)
+
+
+def decay_inputs(per_token, seed=6, N=100):
+    """random_inputs with log decay per_token * U(0, 1), and exactly per_token in channel 0 (the channel that
+    decides the block plan)."""
+    q, k, v, g = random_inputs(seed=seed, N=N)
+    g = per_token * torch.rand(g.shape, generator=torch.Generator().manual_seed(seed))
+    g[..., 0] = per_token
+    return q, k, v, g
+
+
+# Chunks of 64: a chunk spans 63 steps of decay, a 16-token block 15, against FACTOR_SPAN = 40.
+PLANS = [(-0.5, (64, True)),  # 63 * 0.5 = 31.5: one factored block per chunk
+         (-39 / 15, (16, True)),  # 164 over the chunk, 39 over a block: factored 16-token blocks
+         (-5.0, (16, False))]  # 75 over a block: the pairwise exponent
+
+
+@pytest.mark.parametrize("per_token, plan", PLANS)
+def test_every_block_plan_equals_closed_form_with_gradients(per_token, plan):
+    assert FACTOR_SPAN == 40.0
+    q, k, v, g = decay_inputs(per_token)
+    b = torch.nn.functional.pad(g, (0, 0, 0, 28)).reshape(2, 3, 2, 64, 8).cumsum(3)  # as the scan pads and chunks
+    assert _block_plan(b) == plan
+    w = torch.randn(2, 3, 100, 12, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for scan, dtype in ((lambda *t: gla_chunkwise(*t, chunk_size=64), torch.float32), (closed_form, torch.float64)):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v, g)]
+        o = scan(*leaves)
+        (o * w.to(o.dtype)).sum().backward()
+        grads.append([o.detach()] + [t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        assert rel_err(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [-0.5, -5.0])
+def test_compiled_scan_equals_eager_on_the_factored_and_the_pairwise_plan(per_token):
+    q, k, v, g = (t[:, :, :70] for t in decay_inputs(per_token))
+    compiled = torch.compile(bidirectional_gla)
+    outs = []
+    for scan in (bidirectional_gla, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        o = scan(*leaves, chunk_size=64)
+        o.square().sum().backward()
+        outs.append([o.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_input_dtype_is_returned_and_bad_input_is_named():
