@@ -7,12 +7,13 @@
    benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
    bf16 (autocast); images/s and % of the matmul peak measured in this run (3 x forward FLOPs for a step).
 2. Training step images/s per family, eager vs compiled in place as `train.compile=true` does, fp32 and bf16: the
-   models of the sampling table (LinearDiT-S/2 and MaskGIT at --batch, VAR-d8 at --batch / 4) on fixed random
-   inputs (a regression target for the diffusion transformers, cross-entropy over the ids for the token
+   models of the sampling table (LinearDiT-S/2, DiG-S/2 and MaskGIT at --batch, VAR-d8 at --batch / 4) on fixed
+   random inputs (a regression target for the diffusion transformers, cross-entropy over the ids for the token
    families); % of the peak from 3 x each model's flops_per_image. DiT-S/2's rows are the first table's.
 3. Sampling images/s per family, eager vs compiled (`generate(..., compile=True)`), in each of --precisions,
-   random O(1) weights at the sizes named in the table: DiT-S/2 and LinearDiT-S/2 (Euler 10, cfg 1.5, latents
-   only), VAR-d8 (KV cache, 10 scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
+   random O(1) weights at the sizes named in the table: DiT-S/2, LinearDiT-S/2 (ReLU attention) and DiG-S/2
+   (LinearDiT with gated attention, `recipe: dig`) (Euler 10, cfg 1.5, latents only), VAR-d8 (KV cache, 10
+   scales to 16x16 = 680 tokens, cfg 2.5), MaskGIT (TiTok-S-128's generator
    shapes: BERT 12 x 512 over 128 tokens, 8 steps, cfg), the token families through a small tokenizer decoder.
    Peers in the same run: DiT-S/2 as released sampled by DiT's recipe (250 DDPM steps, guidance; eager, default
    precision), the baseline every family's compiled speed is divided by; VAR without its KV cache (the whole
@@ -357,7 +358,7 @@ def family_losses(model, kind, tokenizer, batch, device):
     return lambda m: torch.nn.functional.cross_entropy(m(inputs, labels).flatten(0, 1).float(), ids.flatten())
 
 
-FAMILY_KINDS = ("diffusion", "diffusion", "var", "maskgit")  # of family_models' entries, in order
+FAMILY_KINDS = ("diffusion", "diffusion", "diffusion", "var", "maskgit")  # of family_models' entries, in order
 
 
 def family_training_rows(index, batch, repeats, device, peaks, quick):
@@ -434,6 +435,8 @@ def family_models(quick):
                          prediction_type="velocity", schedule="flow", **size))
     lin = o1_weights(LinearDiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, learn_sigma=False,
                                prediction_type="velocity", schedule="flow", **size))
+    dig = o1_weights(LinearDiT(input_size=side, patch_size=2, in_channels=4, num_classes=1000, learn_sigma=False,
+                               prediction_type="velocity", schedule="flow", attention="gated", v_conv=0, **size))
     flow = dict(sampler="euler", steps=10, cfg=1.5)
     scales = (1, 2, 3) if quick else VAR_SCALES
     torch.manual_seed(0)
@@ -449,6 +452,7 @@ def family_models(quick):
                                  num_heads=2 if quick else 8, intermediate_size=128 if quick else 2048))
     return [("DiT-S/2" if not quick else "DiT (quick)", dit, None, flow, "max |diff|"),
             ("LinearDiT-S/2" if not quick else "LinearDiT (quick)", lin, None, flow, "max |diff|"),
+            ("DiG-S/2 (gated LinearDiT)" if not quick else "DiG (quick)", dig, None, flow, "max |diff|"),
             ("VAR-d8, 680 tokens" if not quick else "VAR (quick)", var, ms, dict(cfg=2.5, top_k=900, top_p=0.96), "equal ids"),
             ("MaskGIT 12 x 512, 128 tokens" if not quick else "MaskGIT (quick)", maskgit, vq,
              dict(steps=8, cfg=4.5, temperature=1.0), "equal ids")]
