@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -106,6 +107,11 @@ def attention_scaling(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
+def _tick(*parts: str) -> str:
+    """A bar's tick label: each comma-separated part of `parts` on its own lines, wrapped at 11 characters."""
+    return "\n".join(textwrap.fill(p, 11) for part in parts for p in part.split(", "))
+
+
 def throughput(data: dict, out: Path) -> None:
     """Bars of benchmarks/speed.py: DiT-S/2 training and forward images/s per model and precision (with diffusers),
     training step images/s per family, and sampling images/s per family, eager vs compiled, with the peers."""
@@ -127,13 +133,13 @@ def throughput(data: dict, out: Path) -> None:
                                             f"{data['dit_training']['batch']} (label: img/s, % of matmul peak)")
         if "training" in data:
             rows = data["training"]["rows"]
-            _eager_compiled(axes[2], rows, [f"{r['family']}\n{r['precision']}, batch {r['batch']}".replace(", ", "\n") for r in rows])
+            _eager_compiled(axes[2], rows, [_tick(r["family"], r["precision"], f"batch {r['batch']}") for r in rows])
             axes[2].set(title="Training step per family (label: compiled img/s, compiled / eager)")
         axes = axes[3:] if "training" in data else axes[2:]
     sampling = data["sampling"]
     rows = sampling["rows"]
     ax = axes[0]
-    _eager_compiled(ax, rows, [f"{r['family']}\n{r['precision']}".replace(", ", "\n") for r in rows])
+    _eager_compiled(ax, rows, [_tick(r["family"], r["precision"]) for r in rows])
     peers = [(i, r["no_kv_cache"]) for i, r in enumerate(rows) if "no_kv_cache" in r]
     if peers:
         ax.scatter([i for i, _ in peers], [v for _, v in peers], marker="_", s=300, color="tab:red", zorder=3,
