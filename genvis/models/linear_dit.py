@@ -190,12 +190,23 @@ class LinearDiT(DiT):
             block.attn.reset_extra()
 
     def flops_per_image(self) -> float:
-        """Forward matmul FLOPs per image (2 * MACs): DiT's without the N^2 term, plus the kernel's
-        2 * 2 * N * D * (D / heads + 1) (relu) or about as much (gated, both directions)."""
+        """Forward matmul FLOPs per image (2 * MACs): DiT's without the N^2 term, plus per block the kernel's.
+        ReLU: relu(K)^T V, q times that and q times the sum of relu(k): 2 N D (2 d_k + 1). Gated, both
+        directions over the N_pad tokens of whole chunks of C, as the scan's usual plan (one factored C x C
+        block per chunk) computes them: per token Q K^T and A V over the chunk plus the state's K^T V and
+        q S, 2 * 2 * N_pad * D * (2 C + 2 d_k); and its linears: out_gate 2 N D^2, the low-rank decay gate
+        2 N * 2 D r."""
         n, d = math.prod(self.grid), self.config.hidden_size
+        dk = d // self.config.num_heads
         quadratic = 2 * 2 * n * n * d
-        linear = 2 * 2 * n * d * (d // self.config.num_heads + 1) * (2 if self.attention_kind == "gated" else 1)
-        return super().flops_per_image() + self.config.depth * (linear - quadratic)
+        if self.attention_kind == "gated":
+            c = self.gla_chunk_size
+            n_pad = -(-n // c) * c
+            rank = self.blocks[0].attn.gate[0].out_features
+            kernel = 2 * 2 * n_pad * d * (2 * c + 2 * dk) + 2 * n * d * d + 2 * n * 2 * d * rank
+        else:
+            kernel = 2 * n * d * (2 * dk + 1)
+        return super().flops_per_image() + self.config.depth * (kernel - quadratic)
 
 
 # recipe -> (attention, heads (None = DiT's for the size; "w/32" = width / 32), v_conv, ffn, pos_embed)

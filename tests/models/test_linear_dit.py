@@ -76,6 +76,25 @@ def test_every_block_option_trains_and_round_trips(options, tmp_path):
     assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))
 
 
+def test_flops_per_image_counts_the_kernels_against_torchs_counter():
+    """The ReLU and gated models share the rest of the network, so the difference of their flops_per_image must be
+    the difference torch's FlopCounterMode counts in a forward: their kernels' matmuls and the gate's linears.
+    16 tokens here: the gated scan pads them to one 64-token chunk, and the count includes the padding."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 5])
+    counted, formula = {}, {}
+    for attention in ("relu", "gated"):
+        model = LinearDiT(**SMALL, learn_sigma=False, num_heads=4, v_conv=0, attention=attention)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, t, y)
+        counted[attention], formula[attention] = counter.get_total_flops() / 2, model.flops_per_image()
+    assert counted["gated"] - counted["relu"] == formula["gated"] - formula["relu"]
+    # By hand, per block: 2 * 2 * 64 * D * (2 * 64 + 2 * d_k) + 2 * 16 * D^2 + 2 * 16 * 2 * D * 16 - 2 * 16 * D * (2 * d_k + 1)
+    D, dk = 64, 16
+    assert formula["gated"] - formula["relu"] == 2 * (4 * 64 * D * (128 + 2 * dk) + 32 * D * D + 64 * D * 16 - 32 * D * (2 * dk + 1))
+
+
 def test_position_embedding_and_mix_ffn_are_what_the_options_say():
     plain = LinearDiT(**SMALL, v_conv=0)
     sana = LinearDiT(**SMALL, v_conv=0, ffn="mixffn", use_pos_embed=False)
