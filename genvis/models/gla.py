@@ -118,7 +118,7 @@ def _block_plan(b: torch.Tensor) -> tuple[int, bool]:
 
     The check reads a value back: under torch.compile that is a graph break, after which dynamo compiles
     only the plan the data take. (A torch.cond over the plans compiled all of them, the slow-compiling
-    pairwise one included: LinearDiT-S/2 gated took 142-190 s to compile against 16-46 s, for no
+    pairwise one included: LinearDiT-S/2 gated took 142-190 s to compile against 16-65 s, for no
     measurable gain per step.)
     """
     C = b.shape[-2]
