@@ -86,7 +86,8 @@ def _intra_chunk(q, k, v, b, s: int, factored: bool) -> torch.Tensor:
     m = C // s
     q_s, k_s, v_s, b_s = (rearrange(t, "b h n (m s) d -> b h n m s d", s=s) for t in (q, k, v, b))
     ref = b_s[..., :1, :]  # B, H, n, m, 1, Dk: b at the first token of each block
-    q_off = q_s * (b_s - ref).exp()  # B, H, n, m, s, Dk
+    if factored or m > 1:
+        q_off = q_s * (b_s - ref).exp()  # B, H, n, m, s, Dk: exponents <= 0
 
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()  # s(i), s(j)
     if factored:
