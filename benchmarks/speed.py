@@ -3,6 +3,9 @@
     python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
         [--precisions fp32,bf16] [--quick] [--json speed.json]
 
+Precisions: fp32, and bf16 (autocast) where the device runs it natively (`dit_speed.benchmark_precisions`), unless
+--precisions names them; the training tables time fp32 and bf16 of those, the sampling table all (fp16 too).
+
 1. DiT-S/2 training step and forward (32x32x4 latents, 1,000 classes, learned sigma; the models of
    benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
    bf16 (autocast); images/s and % of the matmul peak measured in this run (3 x forward FLOPs for a step).
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_speed import autocast, best_times, loss_step, make_steps, matmul_peak  # noqa: E402  (one benchmark's helpers)
+from dit_speed import benchmark_precisions, best_times, loss_step, make_steps, matmul_peak  # noqa: E402
 
 from genvis.generate import generate  # noqa: E402
 from genvis.io import write_json_atomic  # noqa: E402
@@ -254,7 +257,7 @@ def dit_elementwise_floor(batch, model, repeats):
 
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
 
-def dit_training_table(batch, repeats, device, peaks):
+def dit_training_table(batch, repeats, device, peaks, precisions):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -270,7 +273,7 @@ def dit_training_table(batch, repeats, device, peaks):
              "genvis compiled": (None, lambda m, x, t, y: m(x, t, y)),  # compiled anew per precision
              "diffusers eager": (peer, lambda m, x, t, y: m(x, timestep=t, class_labels=y).sample)}
     rows, compile_times, profiles = {}, {}, {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         fns = {}
         for name, (model, call) in calls.items():
             if name.endswith("compiled"):  # as a run in this precision compiles it (a recompile ran slower)
@@ -305,7 +308,7 @@ def dit_training_table(batch, repeats, device, peaks):
     for (name, precision), (fwd, trn, fpk, tpk) in rows.items():
         print(f"| {name} | {precision} | {fwd:.1f} | {trn:.1f} | {100 * fpk:.0f}% | {100 * tpk:.0f}% |")
     print()
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         g, c, d = rows[("genvis eager", precision)], rows[("genvis compiled", precision)], rows[("diffusers eager", precision)]
         print(f"{precision}: compiled / eager: forward {c[0] / g[0]:.2f}x, train {c[1] / g[1]:.2f}x; "
               f"genvis compiled / diffusers: forward {c[0] / d[0]:.2f}x, train {c[1] / d[1]:.2f}x; compile time "
@@ -361,8 +364,8 @@ def family_losses(model, kind, tokenizer, batch, device):
 FAMILY_KINDS = ("diffusion", "diffusion", "diffusion", "var", "maskgit")  # of family_models' entries, in order
 
 
-def family_training_rows(index, batch, repeats, device, peaks, quick):
-    """The training table's rows (fp32, bf16) of family_models' entry `index`: eager vs compiled in place as
+def family_training_rows(index, batch, repeats, device, peaks, quick, precisions):
+    """The training table's rows (one per precision) of family_models' entry `index`: eager vs compiled in place as
     `train.compile=true` compiles (`compile_module`), rounds interleaved."""
     name, model, tokenizer, _, _ = family_models(quick)[index]
     kind = FAMILY_KINDS[index]
@@ -373,7 +376,7 @@ def family_training_rows(index, batch, repeats, device, peaks, quick):
     loss = family_losses(model, kind, tokenizer, b, device)
     flops = 3 * model.flops_per_image()  # per image, forward + backward (as the DiT-S/2 table)
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         torch._dynamo.reset()  # compiled anew per precision, as a run would (a recompile ran slower)
         twin = copy.deepcopy(model)
         compile_module(twin, torch.device(device))
@@ -389,23 +392,24 @@ def family_training_rows(index, batch, repeats, device, peaks, quick):
     return rows
 
 
-def family_training_table(batch, repeats, device, peaks, quick, dit_rows=None):
+def family_training_table(batch, repeats, device, peaks, quick, precisions, dit_rows=None):
     """Training step images/s per family (the models of the sampling table, each family in a fresh process:
-    `family_training_rows`), fp32 and bf16 autocast; % of the matmul peak from 3 x the model's flops_per_image
-    (VAR's counts the block-causal attention it needs, though training computes all L x L scores under the mask).
+    `family_training_rows`), in `precisions` (fp32, bf16 autocast); % of the matmul peak from 3 x the model's
+    flops_per_image (VAR's counts the block-causal attention it needs, though training computes all L x L scores
+    under the mask).
     Batches: `batch` for the diffusion transformers and MaskGIT, batch / 4 for VAR-d8 (680 tokens per image).
     DiT-S/2's rows come from its own table (dit_rows)."""
     rows = []
     for index in range(len(FAMILY_KINDS)):
         if index == 0 and dit_rows is not None:
             continue  # DiT-S/2: measured against diffusers in its own table
-        rows += fresh_process(family_training_rows, index, batch, repeats, device, peaks, quick)
+        rows += fresh_process(family_training_rows, index, batch, repeats, device, peaks, quick, precisions)
     if dit_rows is not None:  # DiT-S/2 first, from its table
         found = {(r["model"], r["precision"]): r for r in dit_rows["rows"]}
         rows = [dict(family="DiT-S/2", batch=dit_rows["batch"], precision=p, eager=found[("genvis eager", p)]["train"],
                      compiled=found[("genvis compiled", p)]["train"], compile_s=dit_rows["compile_s"][f"{p} train"],
                      gflop_per_image=3 * dit_rows["gflop_per_image"], eager_peak=found[("genvis eager", p)]["train_peak"],
-                     compiled_peak=found[("genvis compiled", p)]["train_peak"]) for p in ("fp32", "bf16")] + rows
+                     compiled_peak=found[("genvis compiled", p)]["train_peak"]) for p in precisions] + rows
     print("## Training step images/s per family, eager vs compiled (train.compile=true)")
     print()
     print("| family | batch | precision | eager img/s | compiled img/s | compiled / eager | eager % peak | compiled % peak "
@@ -602,25 +606,27 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--precisions", default="fp32,bf16", help="sampling precisions (comma-separated: fp32, bf16, fp16)")
+    parser.add_argument("--precisions", default=None, help="comma-separated fp32, bf16, fp16 (default: fp32, and bf16 "
+                        "where the device runs it natively); the training tables time fp32 and bf16 of them")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (benchmarks/plots.py throughput)")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
+    precisions = benchmark_precisions(args.device, args.precisions)
+    trained = [p for p in precisions if p in ("fp32", "bf16")]
     if args.device == "cpu":
-        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-        print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+        peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in trained}
+        print("measured matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     else:
-        peaks = {"fp32": float("nan"), "bf16": float("nan")}  # % of peak on CPU only (dit_speed.matmul_peak is CPU)
+        peaks = {p: float("nan") for p in trained}  # % of peak on CPU only (dit_speed.matmul_peak is CPU)
     print()
     results = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
                    peaks_gflops={k: v / 1e9 for k, v in peaks.items()})
-    if not args.skip_train:
-        results["dit_training"] = fresh_process(dit_training_table, args.batch, args.repeats, args.device, peaks)
-        results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick,
+    if not args.skip_train and trained:
+        results["dit_training"] = fresh_process(dit_training_table, args.batch, args.repeats, args.device, peaks, trained)
+        results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick, trained,
                                                     results["dit_training"])
-    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick,
-                                         args.precisions.split(","))
+    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick, precisions)
     if args.json:
         write_json_atomic(args.json, results)
 
