@@ -48,8 +48,8 @@ def benchmark_precisions(device: str, requested: str = None, allowed=("fp32", "b
         return precisions
     if bf16_supported(torch.device(device)):
         return ["fp32", "bf16"]
-    print(f"bf16 is not native on this {device} (no AVX-512 BF16 / AMX): timing fp32 only "
-          "(--precisions fp32,bf16 times the emulated bf16 too)")
+    why = " (no AVX-512 BF16 / AMX)" if torch.device(device).type == "cpu" else ""
+    print(f"bf16 is not native on this {device}{why}: timing fp32 only (--precisions fp32,bf16 times it anyway)")
     return ["fp32"]
 
 
