@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/genvis eval digits $(DEMO_RUN)/samples.npz
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/dit_speed.py

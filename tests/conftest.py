@@ -1,6 +1,14 @@
 """Fixtures shared by the test folders."""
-import pytest
-import torch
+import os
+
+# Under pytest-xdist (`make test` runs `pytest -n auto`), each worker and the processes it starts get their share of
+# the cores; set before torch loads, as OpenMP reads it then. Oversubscribed OpenMP threads spin at every barrier.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from genvis.models.dit import DiT
 from genvis.tokenizers import PixelTokenizer, record_tokenizer

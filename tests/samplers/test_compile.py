@@ -6,7 +6,6 @@ benchmarks/speed.py compares it. The first compile of a graph takes seconds on t
 makes repeats fast."""
 import math
 
-import pytest
 import torch
 
 from genvis.generate import compile_decoder, generate

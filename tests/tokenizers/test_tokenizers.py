@@ -2,8 +2,6 @@
 normalisation (scale, shift + scale, per-channel mean/std), encode is the posterior mode unless asked to
 sample, and generators record their tokenizer so that it loads from a model folder, run or checkpoint."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +131,9 @@ def test_latent_training_records_its_tokenizer_and_samples_through_it(tmp_path):
     vae_dir = tmp_path / "vae"
     tiny_vae(scaling_factor=0.5).save_pretrained(str(vae_dir))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "genvis", "train", str(ROOT / "configs" / "digits" / "dit.yaml"), f"output_dir={run}",
-           f"tokenizer.path={vae_dir}", "data.channels=3", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-           "model.patch_size=2", "train.steps=3", "train.batch_size=8", "train.checkpoint_every=2",
-           "train.mixed_precision=fp32", "sample.steps=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_run.train(str(ROOT / "configs" / "digits" / "dit.yaml"), run, f"tokenizer.path={vae_dir}", "data.channels=3",
+                  "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.patch_size=2", "train.steps=3",
+                  "train.batch_size=8", "train.checkpoint_every=2", "train.mixed_precision=fp32", "sample.steps=2")
     config = json.loads((run / "model" / "config.json").read_text())
     assert (config["in_channels"], config["input_size"]) == (4, 8)
     assert json.loads((run / "model" / "tokenizer" / "config.json").read_text())["_class_name"] == "AutoencoderKL"

@@ -2,9 +2,6 @@
 weights and is distilled from it (the loss against a hand computation, the teacher frozen and recorded)."""
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,16 +19,8 @@ SMALL = ["data.resolution=8", "model.depth=2", "model.hidden_size=64", "train.ba
          "train.checkpoint_every=0"]
 
 
-def genvis(*argv):
-    proc = subprocess.run([sys.executable, "-m", "genvis", *map(str, argv)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def train(config, out, *extra):
-    code, stdout, stderr = genvis("train", config, f"output_dir={out}", *SMALL, *extra)
-    assert code == 0, stderr[-3000:]
-    return stdout
+    return cli_run.train(config, out, *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +133,7 @@ def test_inherited_distilled_student(teacher, tmp_path, scalars):
     (["task.teacher=null"], "key 'task.teacher': distillation needs a teacher"),
 ])
 def test_a_teacher_that_does_not_fit_is_one_line(teacher, tmp_path, extra, message):
-    code, _, stderr = genvis("train", DISTILL, f"output_dir={tmp_path / 'run'}", *SMALL, "model.init_from=null",
-                             f"task.teacher={teacher}", *extra, "train.steps=1")
+    code, _, stderr = cli_run.genvis("train", DISTILL, f"output_dir={tmp_path / 'run'}", *SMALL, "model.init_from=null",
+                                     f"task.teacher={teacher}", *extra, "train.steps=1")
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code != 0 and message in stderr and len(lines) == 1, stderr[-2000:]

@@ -2,8 +2,6 @@
 task with two optimizers stepping through the generic loop."""
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +20,8 @@ SMALL = [
 ]
 
 
-def genvis(*argv, script_prelude=None):
-    """Run the genvis CLI (in a subprocess after some Python that patches it, or as cli_run does); (code, stdout,
-    stderr)."""
-    if script_prelude is None:
-        return cli_run.genvis(*argv)
-    code = f"import sys\n{script_prelude}\nfrom genvis.cli import main\nsys.exit(main({list(map(str, argv))!r}))\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def train(out, *extra, prelude=None):
-    code, stdout, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, *extra, script_prelude=prelude)
-    assert code == 0, stderr[-3000:]
-    return stdout
+    return cli_run.train(DIGITS, out, *SMALL, *extra, prelude=prelude)
 
 
 def error_lines(stderr):
@@ -53,8 +39,8 @@ def test_rerun_with_another_config_is_refused_and_leaves_the_run_alone(tmp_path)
     out = tmp_path / "run"
     train(out, "train.steps=2", "train.checkpoint_every=2")
     stored = (out / "config.yaml").read_bytes()
-    code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", "train.checkpoint_every=2",
-                             "model.depth=3")
+    code, _, stderr = cli_run.genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2",
+                                     "train.checkpoint_every=2", "model.depth=3")
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1 and "model.depth (2 -> 3)" in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
@@ -91,7 +77,8 @@ def test_allowed_changes_resume_and_are_recorded(tmp_path):
 
 def test_a_run_that_failed_before_its_first_checkpoint_takes_a_corrected_config(tmp_path):
     out = tmp_path / "run"
-    code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2", f"tokenizer.path={tmp_path / 'none'}")
+    code, _, stderr = cli_run.genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=2",
+                                     f"tokenizer.path={tmp_path / 'none'}")
     assert code == 2 and "no config.json" in error_lines(stderr)[0]
     train(out, "train.steps=2", "train.checkpoint_every=2")  # nothing was trained: any config may start it
     assert "path: null" in (out / "config.yaml").read_text()
@@ -111,8 +98,8 @@ accelerate.Accelerator.save_state = save_state
 
 def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
-    code, _, stderr = genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=6", "train.checkpoint_every=2",
-                             script_prelude=FULL_DISK)
+    code, _, stderr = cli_run.genvis("train", DIGITS, f"output_dir={out}", *SMALL, "train.steps=6",
+                                     "train.checkpoint_every=2", prelude=FULL_DISK)
     lines = error_lines(stderr)
     assert code == 2 and len(lines) == 1, stderr[-2000:]
     assert "disk full while writing checkpoint" in lines[0] and "step_0000004" in lines[0]
@@ -126,7 +113,8 @@ def test_checkpoints_sample_with_their_ema_weights(tmp_path):
     train(out, "train.steps=4", "train.checkpoint_every=2")
     ckpt2, ckpt4 = out / "checkpoints" / "step_0000002", out / "checkpoints" / "step_0000004"
     for source, name in ((ckpt2, "c2"), (ckpt4, "c4"), (out, "final")):
-        code, _, stderr = genvis("sample", source, "--num-samples", "4", "--out", tmp_path / f"{name}.npz", "--precision", "fp32")
+        code, _, stderr = cli_run.genvis("sample", source, "--num-samples", "4", "--out", tmp_path / f"{name}.npz",
+                                         "--precision", "fp32")
         assert code == 0, stderr[-2000:]
     c2, c4, final = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in ("c2", "c4", "final"))
     assert np.array_equal(c4, final)  # the export is the last checkpoint's EMA
@@ -140,7 +128,7 @@ def test_checkpoints_sample_with_their_ema_weights(tmp_path):
     import shutil
 
     shutil.rmtree(out / "model")
-    code, _, stderr = genvis("sample", out, "--num-samples", "2", "--out", tmp_path / "x.npz")
+    code, _, stderr = cli_run.genvis("sample", out, "--num-samples", "2", "--out", tmp_path / "x.npz")
     assert code == 2 and "checkpoints/step_*" in error_lines(stderr)[0]
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_run import genvis
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "configs" / "digits" / "dit.yaml")
 # A DiT small enough to train a handful of steps in seconds on 2 cores.
@@ -21,12 +23,13 @@ SMALL = [
 ]
 
 
-def run_train(out, *extra, env=None, check=True):
-    cmd = [sys.executable, "-m", "genvis", "train", DIGITS, f"output_dir={out}", *SMALL, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+def run_train(out, *extra, check=True):
+    """`genvis train` of the small DiT (as cli_run runs it); the finished command's code, stdout and stderr."""
+    argv = ["train", DIGITS, f"output_dir={out}", *SMALL, *extra]
+    code, stdout, stderr = genvis(*argv)
+    if check and code != 0:
+        raise AssertionError(stderr[-3000:])
+    return subprocess.CompletedProcess(argv, code, stdout, stderr)
 
 
 def weights(folder):
