@@ -1,7 +1,7 @@
 """Speed of every family, eager vs compiled (torch.compile, inductor), against a peer measured in the same run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
-        [--precisions fp32,bf16] [--quick] [--json speed.json]
+        [--skip-sample] [--precisions fp32,bf16] [--quick] [--json speed.json]
 
 Precisions: fp32, and bf16 (autocast) where the device runs it natively (`dit_speed.benchmark_precisions`), unless
 --precisions names them; the training tables time fp32 and bf16 of those, the sampling table all (fp16 too).
@@ -605,7 +605,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="DiT-S/2 training batch")
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-train", action="store_true", help="leave out tables 1 and 2")
+    parser.add_argument("--skip-sample", action="store_true", help="leave out table 3")
     parser.add_argument("--precisions", default=None, help="comma-separated fp32, bf16, fp16 (default: fp32, and bf16 "
                         "where the device runs it natively); the training tables time fp32 and bf16 of them")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
@@ -626,7 +627,8 @@ def main() -> None:
         results["dit_training"] = fresh_process(dit_training_table, args.batch, args.repeats, args.device, peaks, trained)
         results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick, trained,
                                                     results["dit_training"])
-    results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick, precisions)
+    if not args.skip_sample:
+        results["sampling"] = sampling_table(args.sample_batch, args.repeats, args.device, args.quick, precisions)
     if args.json:
         write_json_atomic(args.json, results)
 
