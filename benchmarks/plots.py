@@ -136,22 +136,23 @@ def throughput(data: dict, out: Path) -> None:
             _eager_compiled(axes[2], rows, [_tick(r["family"], r["precision"], f"batch {r['batch']}") for r in rows])
             axes[2].set(title="Training step per family (label: compiled img/s, compiled / eager)")
         axes = axes[3:] if "training" in data else axes[2:]
-    sampling = data["sampling"]
-    rows = sampling["rows"]
-    ax = axes[0]
-    _eager_compiled(ax, rows, [_tick(r["family"], r["precision"]) for r in rows])
-    peers = [(i, r["no_kv_cache"]) for i, r in enumerate(rows) if "no_kv_cache" in r]
-    if peers:
-        ax.scatter([i for i, _ in peers], [v for _, v in peers], marker="_", s=300, color="tab:red", zorder=3,
-                   label="VAR without KV cache (eager)")
-    if "dit_ddpm250" in sampling:
-        ax.axhline(sampling["dit_ddpm250"], color="tab:gray", ls="--", lw=1,
-                   label=f"DiT-S/2, 250 DDPM steps ({sampling['precision']}, eager)")
-    ax.legend(fontsize=7)
-    ax.set(title=f"Sampling, batch {sampling['batch']} (label: compiled img/s, compiled / eager)")
+    if "sampling" in data:  # absent after --skip-sample
+        sampling = data["sampling"]
+        rows = sampling["rows"]
+        ax = axes[0]
+        _eager_compiled(ax, rows, [_tick(r["family"], r["precision"]) for r in rows])
+        peers = [(i, r["no_kv_cache"]) for i, r in enumerate(rows) if "no_kv_cache" in r]
+        if peers:
+            ax.scatter([i for i, _ in peers], [v for _, v in peers], marker="_", s=300, color="tab:red", zorder=3,
+                       label="VAR without KV cache (eager)")
+        if "dit_ddpm250" in sampling:
+            ax.axhline(sampling["dit_ddpm250"], color="tab:gray", ls="--", lw=1,
+                       label=f"DiT-S/2, 250 DDPM steps ({sampling['precision']}, eager)")
+        ax.legend(fontsize=7)
+        ax.set(title=f"Sampling, batch {sampling['batch']} (label: compiled img/s, compiled / eager)")
     for ax in fig.axes:
         ax.margins(y=0.2)
-        if not ax.has_data():  # --skip-train: one panel
+        if not ax.has_data():  # --skip-train: one panel; --skip-sample: an empty fourth
             ax.axis("off")
     fig.suptitle(f"benchmarks/speed.py on {data['device']}, {data['threads']} threads, torch {data['torch']}", fontsize=9)
     _save(fig, out)
