@@ -120,17 +120,27 @@ def throughput(data: dict, out: Path) -> None:
     fig, axes = plt.subplots(2 if training else 1, 2, figsize=(13, 9.6 if training else 4.8), squeeze=False)
     axes = list(axes.flat)
     if training:
-        rows = data["dit_training"]["rows"]
+        tables = [data["dit_training"]] + ([data["dit_xl_training"]] if "dit_xl_training" in data else [])
+        rows = [dict(r, model=f"{t.get('model', 'DiT-S/2')} {r['model']}") if len(tables) > 1 else r
+                for t in tables for r in t["rows"]]
         for ax, what in zip(axes[:2], ("train", "forward")):
-            labels = [f"{r['model']}\n{r['precision']}" for r in rows]
+            labels = [f"{r['model']}\n{r['precision']}".replace("DiT-S/2 ", "DiT-S/2\n").replace("DiT-XL/2 ", "DiT-XL/2\n")
+                      for r in rows]
             bars = ax.bar(range(len(rows)), [r[what] for r in rows],
                           color=["tab:gray" if r["model"].startswith("diffusers") else
                                  "tab:blue" if "compiled" in r["model"] else "tab:cyan" for r in rows])
             ax.bar_label(bars, [f"{r[what]:.1f}\n{100 * r[what + '_peak']:.0f}%" if math.isfinite(r[what + "_peak"])
                                 else f"{r[what]:.1f}" for r in rows], fontsize=7)
-            ax.set_xticks(range(len(rows)), labels, fontsize=7)
-            ax.set(ylabel="images/s", title=f"DiT-S/2 {'training step' if what == 'train' else 'forward'}, batch "
-                                            f"{data['dit_training']['batch']} (label: img/s, % of matmul peak)")
+            ax.set_xticks(range(len(rows)), labels, fontsize=7 if len(tables) == 1 else 5)
+            sizes = " and ".join(f"{t.get('model', 'DiT-S/2')} batch {t['batch']}" for t in tables)
+            ax.set(ylabel="images/s", title=f"{'Training step' if what == 'train' else 'Forward'}, {sizes}"
+                                            + ("\n" if len(tables) > 1 else " ") + "(label: img/s, % of matmul peak)")
+            if len(tables) > 1:  # DiT-XL/2 runs about 10x slower than DiT-S/2
+                ax.set_yscale("log")
+                ax.set_ylabel("images/s (log)")
+                if what == "train":
+                    ax.axhline(107, color="tab:red", ls="--", lw=1, label="fast-DiT DiT-XL/2, one A100, fp16 (published)")
+                    ax.legend(fontsize=7)
         if "training" in data:
             rows = data["training"]["rows"]
             _eager_compiled(axes[2], rows, [_tick(r["family"], r["precision"], f"batch {r['batch']}") for r in rows])

@@ -1,7 +1,7 @@
 """Speed of every family, eager vs compiled (torch.compile, inductor), against a peer measured in the same run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--batch 32] [--sample-batch 8] [--repeats 3] [--skip-train]
-        [--skip-sample] [--precisions fp32,bf16] [--quick] [--json speed.json]
+        [--skip-sample] [--precisions fp32,bf16] [--dit-xl] [--dit-xl-batch 64] [--quick] [--json speed.json]
 
 Precisions: fp32, and bf16 (autocast) where the device runs it natively (`dit_speed.benchmark_precisions`), unless
 --precisions names them; the training tables time fp32 and bf16 of those, the sampling table all (fp16 too).
@@ -9,6 +9,8 @@ Precisions: fp32, and bf16 (autocast) where the device runs it natively (`dit_sp
 1. DiT-S/2 training step and forward (32x32x4 latents, 1,000 classes, learned sigma; the models of
    benchmarks/dit_speed.py): genvis eager and compiled, diffusers' DiTTransformer2DModel eager, each in fp32 and
    bf16 (autocast); images/s and % of the matmul peak measured in this run (3 x forward FLOPs for a step).
+1b. DiT-XL/2's training step and forward, the same table at --dit-xl-batch (on a GPU by default; --dit-xl on the
+   CPU, with 35 GB of memory or more: three 675M-parameter models and their AdamW states), for the GPU table's comparison with fast-DiT (107 img/s training on one A100, fp16, cached latents).
 2. Training step images/s per family, eager vs compiled in place as `train.compile=true` does, fp32 and bf16: the
    models of the sampling table (LinearDiT-S/2, DiG-S/2 and MaskGIT at --batch, VAR-d8 at --batch / 4) on fixed
    random inputs (a regression target for the diffusion transformers, cross-entropy over the ids for the token
@@ -25,6 +27,8 @@ Precisions: fp32, and bf16 (autocast) where the device runs it natively (`dit_sp
    against diffusers' AutoencoderKL.decode, the same network eager. Compiled and eager outputs are compared (max
    |difference|; token families in fp32: the fraction of pixels within 1e-3, 1 when no draw flips; in bf16 the
    logits differ in their last bits and draws flip).
+Every timed call returns when the device has run it (`dit_speed.synchronize`: CUDA queues kernels); the matmul
+peak is measured on the device of the run (`dit_speed.matmul_peak`).
 Compile time (the first call) is reported apart from the steady state (best of --repeats calls after it; eager
 and compiled calls alternate, on two copies of the network, so that drifts in the machine's speed hit both
 alike). Each table, and each family in the training and sampling tables, is measured in a fresh process
@@ -50,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_speed import benchmark_precisions, best_times, loss_step, make_steps, matmul_peak  # noqa: E402
+from dit_speed import benchmark_precisions, best_times, loss_step, make_steps, matmul_peak, synchronize  # noqa: E402
 
 from genvis.generate import generate  # noqa: E402
 from genvis.io import write_json_atomic  # noqa: E402
@@ -85,7 +89,8 @@ def fresh_process(fn, *args):
         child.start()
         child.join()
         if child.exitcode != 0:
-            raise RuntimeError(f"{fn.__name__}{args}: the measuring process exited with code {child.exitcode}")
+            killed = " (killed by SIGKILL: on Linux, often the out-of-memory killer)" if child.exitcode == -9 else ""
+            raise RuntimeError(f"{fn.__name__}{args}: the measuring process exited with code {child.exitcode}{killed}")
         return json.loads(out.read_text())
 
 
@@ -216,8 +221,7 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ b
-            if device != "cpu":
-                torch.cuda.synchronize()
+            synchronize(device)
             best = min(best, time.perf_counter() - t0)
         seconds += 12 * count * best
         flops += 12 * count * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
@@ -257,14 +261,17 @@ def dit_elementwise_floor(batch, model, repeats):
 
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
 
-def dit_training_table(batch, repeats, device, peaks, precisions):
+def dit_training_table(batch, repeats, device, peaks, precisions, size="S"):
+    """Table 1 (size "S": DiT-S/2, with the CPU's floors and profile) or 1b (size "XL": DiT-XL/2, the GPU table's
+    training row)."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    config = dit_config("S", 2, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    config = dit_config(size, 2, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
     genvis_model = o1_weights(DiT(**config))
     peer = DiTTransformer2DModel(
-        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
+        num_attention_heads=config["num_heads"], attention_head_dim=config["hidden_size"] // config["num_heads"],
+        in_channels=4, out_channels=8, num_layers=config["depth"],
         attention_bias=True, sample_size=32, patch_size=2, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6,
     )
@@ -293,7 +300,7 @@ def dit_training_table(batch, repeats, device, peaks, precisions):
         for name in calls:
             fwd, trn = batch / times[(name, "forward")], batch / times[(name, "train")]
             rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
-        if device == "cpu":
+        if device == "cpu" and size == "S":  # the floors take DiT-S/2's shapes
             floor_s, floor_flops = dit_matmul_floor(batch, precision, 5)
             wall, in_mm, _, other, _ = profile_split(fns[("genvis compiled", "train")], top=8)
             profiles[precision] = dict(floor_s=floor_s, floor_gflops=floor_flops / floor_s / 1e9, step_s=wall,
@@ -301,7 +308,8 @@ def dit_training_table(batch, repeats, device, peaks, precisions):
                                        step_top_other=[dict(seconds=t, calls=n, kernel=k) for t, n, k in other])
             if precision == "bf16":
                 profiles[precision]["elementwise_floor_s"] = dit_elementwise_floor(batch, genvis_model, 5)
-    print(f"## DiT-S/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward")
+    print(f"## DiT-{size}/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward"
+          + (" (fast-DiT reports 107 img/s training on one A100, fp16, cached latents)" if size == "XL" else ""))
     print()
     print("| model | precision | forward img/s | train img/s | forward % peak | train % peak |")
     print("|---|---|---|---|---|---|")
@@ -332,7 +340,8 @@ def dit_training_table(batch, repeats, device, peaks, precisions):
                   + f": with the matmuls alone, {total:.2f} s, so no step built from these kernels exceeds "
                   f"{100 * 3 * flops * batch / total / peaks[precision]:.0f}% of the peak.")
     print()
-    return dict(batch=batch, gflop_per_image=flops / 1e9, compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
+    return dict(model=f"DiT-{size}/2", batch=batch, gflop_per_image=flops / 1e9,
+                compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
                 rows=[dict(model=name, precision=precision, forward=r[0], train=r[1], forward_peak=r[2], train_peak=r[3])
                       for (name, precision), r in rows.items()], profiles=profiles)
 
@@ -580,11 +589,15 @@ def vae_table(batch, repeats, device, quick):
 
     @torch.no_grad()
     def peer():
-        return vae.decode(z / vae.config.scaling_factor).sample
+        out = vae.decode(z / vae.config.scaling_factor).sample
+        synchronize(device)
+        return out
 
     @torch.no_grad()
     def ours():
-        return compiled(z)
+        out = compiled(z)
+        synchronize(device)
+        return out
 
     t0 = time.perf_counter()
     ours()  # compiles
@@ -607,6 +620,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-train", action="store_true", help="leave out tables 1 and 2")
     parser.add_argument("--skip-sample", action="store_true", help="leave out table 3")
+    parser.add_argument("--dit-xl", action=argparse.BooleanOptionalAction, default=None,
+                        help="table 1b, DiT-XL/2 training (default: on a GPU only; it holds three 675M-parameter models "
+                        "with their AdamW states, about 35 GB)")
+    parser.add_argument("--dit-xl-batch", type=int, default=64, help="DiT-XL/2 training batch (table 1b)")
     parser.add_argument("--precisions", default=None, help="comma-separated fp32, bf16, fp16 (default: fp32, and bf16 "
                         "where the device runs it natively); the training tables time fp32 and bf16 of them")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
@@ -615,16 +632,16 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
     precisions = benchmark_precisions(args.device, args.precisions)
     trained = [p for p in precisions if p in ("fp32", "bf16")]
-    if args.device == "cpu":
-        peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in trained}
-        print("measured matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
-    else:
-        peaks = {p: float("nan") for p in trained}  # % of peak on CPU only (dit_speed.matmul_peak is CPU)
+    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, args.device) for p in trained}
+    print("measured matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     print()
     results = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
                    peaks_gflops={k: v / 1e9 for k, v in peaks.items()})
     if not args.skip_train and trained:
         results["dit_training"] = fresh_process(dit_training_table, args.batch, args.repeats, args.device, peaks, trained)
+        if args.dit_xl if args.dit_xl is not None else args.device != "cpu":
+            results["dit_xl_training"] = fresh_process(dit_training_table, args.dit_xl_batch, args.repeats, args.device,
+                                                       peaks, trained, "XL")
         results["training"] = family_training_table(args.batch, args.repeats, args.device, peaks, args.quick, trained,
                                                     results["dit_training"])
     if not args.skip_sample:
