@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from genvis.generate import compile_decoder, generate
+from genvis.generate import generate
 from genvis.samplers.tokens import maskgit_pick, var_pick
 
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -35,6 +35,11 @@ def eager_and_compiled(model, tokenizer, **options):
 
 
 def test_latent_dit():
+    """...with the decoder compiled frozen on the CPU (`compile_decoder`): inductor's freezing runs the convolutions
+    on prepacked oneDNN weights (mkldnn::_convolution_pointwise, an op only freezing emits; unfrozen, inductor calls
+    aten's convolution). One test, because a frozen compile is not in inductor's cache: each one takes seconds."""
+    from torch.profiler import profile
+
     from genvis.models.dit import DiT
     from genvis.tokenizers.kl import KLConfig, KLTokenizer
 
@@ -43,10 +48,17 @@ def test_latent_dit():
     torch.manual_seed(0)
     tokenizer = KLTokenizer.from_section(KLConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4,
                                                   norm_num_groups=8), (1, 8, 8)).eval()
-    eager, compiled = eager_and_compiled(model, tokenizer, sampler="heun", steps=3, cfg=2.0)
+    options = dict(sampler="heun", steps=3, cfg=2.0)
+    eager, compiled = eager_and_compiled(model, tokenizer, **options)
     assert eager.shape == (4, 1, 8, 8) and eager.std() > 0.01
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert model._compiled_call_impl is not None  # compiled in place: later calls reuse it
+    with profile(record_shapes=True) as prof:  # a second compiled run reuses the compiled code
+        again = generate(model, tokenizer, LABELS, seed=3, precision="fp32", compile=True, **options)
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
+    assert "mkldnn::_convolution_pointwise" in {event.name for event in prof.events()}
+    unfrozen = [event.input_shapes[1] for event in prof.events() if event.name == "aten::mkldnn_convolution"]
+    assert unfrozen and all(w == list(model.x_embedder.proj.weight.shape) for w in unfrozen)  # DiT's patch embedder only
 
 
 def test_var_with_its_kv_cache():
@@ -90,26 +102,3 @@ def test_maskgit():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert model._compiled_call_impl is not None
     assert_draw_is_compiled("maskgit", model, tokenizer, maskgit_pick)
-
-
-def test_the_cpu_decoder_is_compiled_frozen():
-    """compile_decoder on the CPU compiles with inductor's freezing, which runs the convolutions on prepacked oneDNN
-    weights (mkldnn::_convolution_pointwise, an op only freezing emits; unfrozen, inductor calls aten's
-    convolution), and decodes what the eager decoder does."""
-    from torch.profiler import profile
-
-    from genvis.tokenizers.kl import KLConfig, KLTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = KLTokenizer.from_section(KLConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4,
-                                                  norm_num_groups=8), (1, 8, 8)).eval()
-    z = torch.randn(2, 4, 4, 4)
-    decode = compile_decoder(tokenizer.decode, torch.device("cpu"))
-    with torch.no_grad():
-        eager = tokenizer.decode(z)
-        decode(z)  # compiles
-        with profile() as prof:
-            compiled = decode(z)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
-    kernels = {event.key for event in prof.key_averages()}
-    assert "mkldnn::_convolution_pointwise" in kernels and "aten::mkldnn_convolution" not in kernels
