@@ -34,13 +34,13 @@ and compiled calls alternate, on two copies of the network, so that drifts in th
 alike). Each table, and each family in the training and sampling tables, is measured in a fresh process
 (`fresh_process`), as a `genvis train` or `genvis sample` run starts.
 4. On the CPU, where the time goes: the DiT-S/2 step's matmuls timed alone (`dit_matmul_floor`, a lower bound on
-   the step and so an upper bound on its % of peak and its ratio to diffusers), its softmax, tanh-GELU and AdamW
-   timed alone (`dit_elementwise_floor`), the compiled step's largest other kernels, and the profiler's share of
-   each compiled sampling batch spent in the ATen kernels compiling keeps: matmuls, and the others
-   (sort / topk / random draws, which inductor calls from ATen, and softmax and exact GELU, which genvis keeps
-   as ATen's because inductor's ran slower). Those kernels, each replayed alone at its best with the batch's
-   shapes (`kernel_floor`), are a floor under the compiled batch; eager time over the floor bounds compiled /
-   eager.
+   the step and the forward and so an upper bound on their % of peak and their ratios to diffusers), its softmax,
+   tanh-GELU, LayerNorm + modulation and AdamW timed alone (`dit_elementwise_floor`), the compiled step's largest
+   other kernels, and the profiler's share of each compiled sampling batch spent in the ATen kernels compiling
+   keeps: matmuls, and the others (sort / topk / random draws, which inductor calls from ATen, and softmax and
+   exact GELU, which genvis keeps as ATen's because inductor's ran slower). Those kernels, each replayed alone at
+   its best with the batch's shapes (`kernel_floor`), are a floor under the compiled batch; eager time over the
+   floor bounds compiled / eager.
 """
 from __future__ import annotations
 
@@ -201,21 +201,23 @@ def kernel_floor(events, repeats):
 
 
 def dit_matmul_floor(batch, precision, repeats, device="cpu"):
-    """(seconds, FLOPs) of the DiT-S/2 training step's token matmuls run alone, best of `repeats` each: per block the
-    qkv, proj, fc1 and fc2 linears (forward, gradient of the input, gradient of the weight, in the layouts autograd
-    uses) and the six attention bmms (QK^T and PV forward, four backward), times 12 blocks. The per-image matmuls
+    """(seconds, FLOPs, forward seconds) of the DiT-S/2 training step's token matmuls run alone, best of `repeats`
+    each: per block the qkv, proj, fc1 and fc2 linears (forward, gradient of the input, gradient of the weight, in
+    the layouts autograd uses) and the six attention bmms (QK^T and PV forward, four backward), times 12 blocks;
+    the forward seconds count the linears' forward products and QK^T and PV once each. The per-image matmuls
     (adaLN, embedders; under 1% of the FLOPs) are left out, so this is a lower bound on any implementation's step
-    with these kernels."""
+    (and forward) with these kernels."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     rows, bh, n, d = batch * 256, batch * 6, 256, 64
-    pairs = []
+    pairs = []  # (a, b, calls per block, of them in the forward)
     for k, o in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):  # (in, out) of qkv, proj, fc1, fc2
         x, w, g = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((rows, k), (o, k), (rows, o)))
-        pairs += [(x, w.t(), 1), (g, w, 1), (g.t(), x, 1)]  # y = x W^T; dx = g W; dW = g^T x
+        pairs += [(x, w.t(), 1, 1), (g, w, 1, 0), (g.t(), x, 1, 0)]  # y = x W^T; dx = g W; dW = g^T x
     q, scores = torch.randn(bh, n, d, dtype=dtype, device=device), torch.randn(bh, n, n, dtype=dtype, device=device)
-    pairs += [(q, q.transpose(1, 2), 2), (scores, q, 4)]  # QK^T, dP = dO V^T; PV, dV, dQ, dK (timed once each shape)
-    seconds = flops = 0.0
-    for a, b, count in pairs:
+    # QK^T, dP = dO V^T; PV, dV, dQ, dK (each shape timed once)
+    pairs += [(q, q.transpose(1, 2), 2, 1), (scores, q, 4, 1)]
+    seconds = flops = forward = 0.0
+    for a, b, count, in_forward in pairs:
         a @ b
         best = float("inf")
         for _ in range(repeats):
@@ -224,39 +226,48 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
             synchronize(device)
             best = min(best, time.perf_counter() - t0)
         seconds += 12 * count * best
+        forward += 12 * in_forward * best
         flops += 12 * count * 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)
-    return seconds, flops
+    return seconds, flops, forward
 
 
-def dit_elementwise_floor(batch, model, repeats):
-    """Seconds of the DiT-S/2 bf16 training step's unavoidable non-matmul work run alone, best of `repeats` each, in
-    its fastest form here: the attention softmax forward + backward ([6 batch, 256, 256]) and the tanh-GELU forward +
-    backward ([256 batch, 1536]), each compiled, times 12 blocks; LayerNorm + adaLN modulation forward + backward
-    ([batch, 256, 384] float32 in, bf16 out), compiled, times 24; and one fused AdamW step over `model`'s parameters.
-    Returns {part: seconds}."""
+def dit_elementwise_floor(batch, model, precision, repeats):
+    """Seconds of the DiT-S/2 training step's unavoidable non-matmul work run alone, best of `repeats` each, in its
+    fastest form here: the attention softmax ([6 batch, 256, 256]) and the tanh-GELU ([256 batch, 1536]), each
+    compiled, times 12 blocks; LayerNorm + adaLN modulation ([batch, 256, 384] float32 in, the precision's dtype
+    out), compiled, times 24; and one fused AdamW step over `model`'s parameters. Activations are bf16 for "bf16",
+    float32 otherwise. Returns ({part: seconds forward + backward, AdamW included}, {part: seconds forward alone,
+    under no_grad})."""
     from genvis.models.layers import gelu_tanh, modulate
 
-    def best(fn):  # the first call compiles the forward and the backward
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def best(fn):  # the first call compiles
         return timed_first_and_best(fn, repeats)[1]
 
-    def forward_backward(f, shape, dtype=torch.bfloat16):
+    def timed(f, shape, in_dtype=dtype):  # (forward + backward, forward) seconds
         f = torch.compile(f)
-        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
-        g = torch.randn(*shape, dtype=torch.bfloat16)
-        return lambda: f(x).backward(g)
+        x = torch.randn(*shape, dtype=in_dtype, requires_grad=True)
+        g = torch.randn(*shape, dtype=dtype)
 
-    shift, scale = (torch.randn(batch, 384, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        def forward():
+            with torch.no_grad():
+                f(x)
+
+        return best(lambda: f(x).backward(g)), best(forward)
+
+    shift, scale = (torch.randn(batch, 384, dtype=dtype, requires_grad=True) for _ in range(2))
     norm = torch.nn.LayerNorm(384, elementwise_affine=False, eps=1e-6)
-
+    parts = {"softmax": (12, timed(lambda x: x.softmax(-1), (6 * batch, 256, 256))),
+             "tanh-GELU": (12, timed(gelu_tanh, (256 * batch, 1536))),
+             "LayerNorm + modulation": (24, timed(lambda x: modulate(norm(x), shift, scale).to(dtype),
+                                                  (batch, 256, 384), torch.float32))}
     params = [torch.zeros_like(p, requires_grad=True) for p in model.parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    return {"softmax": 12 * best(forward_backward(lambda x: x.softmax(-1), (6 * batch, 256, 256))),
-            "tanh-GELU": 12 * best(forward_backward(gelu_tanh, (256 * batch, 1536))),
-            "LayerNorm + modulation": 24 * best(forward_backward(lambda x: modulate(norm(x), shift, scale).bfloat16(),
-                                                                 (batch, 256, 384), torch.float32)),
-            "AdamW (fused)": best(opt.step)}
+    step = {k: n * t[0] for k, (n, t) in parts.items()} | {"AdamW (fused)": best(opt.step)}
+    return step, {k: n * t[1] for k, (n, t) in parts.items()}
 
 
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
@@ -301,13 +312,15 @@ def dit_training_table(batch, repeats, device, peaks, precisions, size="S"):
             fwd, trn = batch / times[(name, "forward")], batch / times[(name, "train")]
             rows[(name, precision)] = (fwd, trn, fwd * flops / peaks[precision], trn * 3 * flops / peaks[precision])
         if device == "cpu" and size == "S":  # the floors take DiT-S/2's shapes
-            floor_s, floor_flops = dit_matmul_floor(batch, precision, 5)
+            floor_s, floor_flops, forward_floor_s = dit_matmul_floor(batch, precision, 5)
             wall, in_mm, _, other, _ = profile_split(fns[("genvis compiled", "train")], top=8)
+            step_parts, forward_parts = dit_elementwise_floor(batch, genvis_model, precision, 5)
             profiles[precision] = dict(floor_s=floor_s, floor_gflops=floor_flops / floor_s / 1e9, step_s=wall,
-                                       step_matmul_s=in_mm, diffusers_step_s=times[("diffusers eager", "train")],
-                                       step_top_other=[dict(seconds=t, calls=n, kernel=k) for t, n, k in other])
-            if precision == "bf16":
-                profiles[precision]["elementwise_floor_s"] = dit_elementwise_floor(batch, genvis_model, 5)
+                                       forward_floor_s=forward_floor_s, step_matmul_s=in_mm,
+                                       diffusers_step_s=times[("diffusers eager", "train")],
+                                       diffusers_forward_s=times[("diffusers eager", "forward")],
+                                       step_top_other=[dict(seconds=t, calls=n, kernel=k) for t, n, k in other],
+                                       elementwise_floor_s=step_parts, forward_elementwise_floor_s=forward_parts)
     print(f"## DiT-{size}/2 training and forward, batch {batch}, {flops / 1e9:.2f} GFLOP per image forward"
           + (" (fast-DiT reports 107 img/s training on one A100, fp16, cached latents)" if size == "XL" else ""))
     print()
@@ -327,18 +340,28 @@ def dit_training_table(batch, repeats, device, peaks, precisions, size="S"):
         print(f"{precision} profile: the step's token matmuls run alone (dit_matmul_floor) take {p['floor_s']:.2f} s at "
               f"{p['floor_gflops']:.0f} GFLOP/s, {100e9 * p['floor_gflops'] / peaks[precision]:.0f}% of the peak; so no "
               f"step with these kernels exceeds {100 * 3 * flops * batch / p['floor_s'] / peaks[precision]:.0f}% of "
-              f"the peak or {p['diffusers_step_s'] / p['floor_s']:.2f}x diffusers' eager step. The compiled step under the "
-              f"profiler: {p['step_s']:.2f} s, {p['step_matmul_s']:.2f} s of it in matmul kernels, "
+              f"the peak or {p['diffusers_step_s'] / p['floor_s']:.2f}x diffusers' eager step. The forward's matmuls "
+              f"alone take {p['forward_floor_s']:.2f} s: no forward with them exceeds "
+              f"{100 * flops * batch / p['forward_floor_s'] / peaks[precision]:.0f}% of the peak or "
+              f"{p['diffusers_forward_s'] / p['forward_floor_s']:.2f}x diffusers' eager forward. The compiled step "
+              f"under the profiler: {p['step_s']:.2f} s, {p['step_matmul_s']:.2f} s of it in matmul kernels, "
               f"{p['step_s'] - p['step_matmul_s']:.2f} s in the rest, most of it in:")
         for row in p["step_top_other"]:
             print(f"    {1e3 * row['seconds']:6.1f} ms  {row['calls']:4d} calls  {row['kernel'][:110]}")
-        if "elementwise_floor_s" in p:
-            parts = p["elementwise_floor_s"]
-            total = p["floor_s"] + sum(parts.values())
-            print("  Run alone at their best (forward + backward, compiled): "
-                  + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
-                  + f": with the matmuls alone, {total:.2f} s, so no step built from these kernels exceeds "
-                  f"{100 * 3 * flops * batch / total / peaks[precision]:.0f}% of the peak.")
+        parts = p["elementwise_floor_s"]
+        total = p["floor_s"] + sum(parts.values())
+        print("  Run alone at their best (forward + backward, compiled): "
+              + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
+              + f": with the matmuls alone, {total:.2f} s, so no step built from these kernels exceeds "
+              f"{100 * 3 * flops * batch / total / peaks[precision]:.0f}% of the peak or "
+              f"{p['diffusers_step_s'] / total:.2f}x diffusers' eager step.")
+        parts = p["forward_elementwise_floor_s"]
+        total = p["forward_floor_s"] + sum(parts.values())
+        print("  The forward's share, run alone (compiled, no_grad): "
+              + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
+              + f": with the forward's matmuls, {total:.2f} s, so no forward built from these kernels exceeds "
+              f"{100 * flops * batch / total / peaks[precision]:.0f}% of the peak or "
+              f"{p['diffusers_forward_s'] / total:.2f}x diffusers' eager forward.")
     print()
     return dict(model=f"DiT-{size}/2", batch=batch, gflop_per_image=flops / 1e9,
                 compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
