@@ -272,6 +272,15 @@ def dit_elementwise_floor(batch, model, precision, repeats):
 
 # ----------------------------------------------------------------------------- 1. DiT-S/2 training
 
+def _floor_line(title, parts, matmul_s, seconds_at_peak, diffusers_s, what):
+    """One line of table 1's profile: the non-matmul `parts` timed alone, added to the matmul floor, as an upper
+    bound on % of the peak (`seconds_at_peak`: the call's FLOPs over the peak) and on the ratio to diffusers."""
+    total = matmul_s + sum(parts.values())
+    return (f"  {title}: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
+            + f": with the matmuls, {total:.2f} s, so no {what} built from these kernels exceeds "
+            f"{100 * seconds_at_peak / total:.0f}% of the peak or {diffusers_s / total:.2f}x diffusers' eager {what}.")
+
+
 def dit_training_table(batch, repeats, device, peaks, precisions, size="S"):
     """Table 1 (size "S": DiT-S/2, with the CPU's floors and profile) or 1b (size "XL": DiT-XL/2, the GPU table's
     training row)."""
@@ -348,20 +357,10 @@ def dit_training_table(batch, repeats, device, peaks, precisions, size="S"):
               f"{p['step_s'] - p['step_matmul_s']:.2f} s in the rest, most of it in:")
         for row in p["step_top_other"]:
             print(f"    {1e3 * row['seconds']:6.1f} ms  {row['calls']:4d} calls  {row['kernel'][:110]}")
-        parts = p["elementwise_floor_s"]
-        total = p["floor_s"] + sum(parts.values())
-        print("  Run alone at their best (forward + backward, compiled): "
-              + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
-              + f": with the matmuls alone, {total:.2f} s, so no step built from these kernels exceeds "
-              f"{100 * 3 * flops * batch / total / peaks[precision]:.0f}% of the peak or "
-              f"{p['diffusers_step_s'] / total:.2f}x diffusers' eager step.")
-        parts = p["forward_elementwise_floor_s"]
-        total = p["forward_floor_s"] + sum(parts.values())
-        print("  The forward's share, run alone (compiled, no_grad): "
-              + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in parts.items())
-              + f": with the forward's matmuls, {total:.2f} s, so no forward built from these kernels exceeds "
-              f"{100 * flops * batch / total / peaks[precision]:.0f}% of the peak or "
-              f"{p['diffusers_forward_s'] / total:.2f}x diffusers' eager forward.")
+        print(_floor_line("Run alone at their best (forward + backward, compiled)", p["elementwise_floor_s"],
+                          p["floor_s"], 3 * flops * batch / peaks[precision], p["diffusers_step_s"], "step"))
+        print(_floor_line("The forward's share, run alone (compiled, no_grad)", p["forward_elementwise_floor_s"],
+                          p["forward_floor_s"], flops * batch / peaks[precision], p["diffusers_forward_s"], "forward"))
     print()
     return dict(model=f"DiT-{size}/2", batch=batch, gflop_per_image=flops / 1e9,
                 compile_s={f"{p} {w}": v for (p, w), v in compile_times.items()},
