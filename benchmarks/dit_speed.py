@@ -64,6 +64,11 @@ def benchmark_precisions(device: str, requested: str = None, allowed=("fp32", "b
     return ["fp32"]
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the training tables' matmuls run in at `precision` ("bf16" or "fp32")."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def autocast(precision: str, device: str = "cpu"):
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -143,7 +148,7 @@ def main() -> None:
     default = resolve_precision("auto", torch.device("cpu"))
     default = "bf16" if default == "bf16" else "fp32"
 
-    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    peaks = {p: matmul_peak(compute_dtype(p)) for p in precisions}
     rows = []
     calls = {
         "genvis": (genvis_model, lambda m, x, t, y: m(x, t, y)),

@@ -54,7 +54,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_speed import benchmark_precisions, best_times, loss_step, make_steps, matmul_peak, synchronize  # noqa: E402
+from dit_speed import (  # noqa: E402
+    benchmark_precisions, best_times, compute_dtype, loss_step, make_steps, matmul_peak, synchronize,
+)
 
 from genvis.generate import generate  # noqa: E402
 from genvis.io import write_json_atomic  # noqa: E402
@@ -207,7 +209,7 @@ def dit_matmul_floor(batch, precision, repeats, device="cpu"):
     the forward seconds count the linears' forward products and QK^T and PV once each. The per-image matmuls
     (adaLN, embedders; under 1% of the FLOPs) are left out, so this is a lower bound on any implementation's step
     (and forward) with these kernels."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = compute_dtype(precision)
     rows, bh, n, d = batch * 256, batch * 6, 256, 64
     pairs = []  # (a, b, calls per block, of them in the forward)
     for k, o in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):  # (in, out) of qkv, proj, fc1, fc2
@@ -240,7 +242,7 @@ def dit_elementwise_floor(batch, model, precision, repeats):
     under no_grad})."""
     from genvis.models.layers import gelu_tanh, modulate
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = compute_dtype(precision)
 
     def best(fn):  # the first call compiles
         return timed_first_and_best(fn, repeats)[1]
@@ -654,7 +656,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")
     precisions = benchmark_precisions(args.device, args.precisions)
     trained = [p for p in precisions if p in ("fp32", "bf16")]
-    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, args.device) for p in trained}
+    peaks = {p: matmul_peak(compute_dtype(p), args.device) for p in trained}
     print("measured matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()))
     print()
     results = dict(device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
